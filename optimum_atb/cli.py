@@ -1,0 +1,5 @@
+"""STUB: the optimum-atb command."""
+
+
+def main(argv=None) -> int:
+    return 0

@@ -1,0 +1,5 @@
+"""STUB (owner: integration helper): registration with transformers."""
+
+
+def register() -> None:
+    pass

@@ -1,0 +1,9 @@
+"""STUB (owner: paged-cache helper)."""
+
+
+class PagedCache:
+    pass
+
+
+def register() -> None:
+    pass

@@ -1,0 +1,1 @@
+"""STUB (owner: integration helper): one module per architecture family."""
