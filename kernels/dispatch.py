@@ -13,10 +13,11 @@ from collections.abc import Callable
 from optimum_atb.backends import warn_once
 
 _TABLE: dict[tuple[str, str], Callable] = {}
+# Modules that register each backend's kernels: the core operators, then the quantized matmuls.
 _BACKEND_MODULES = {
-    "torch": "optimum_atb.kernels.torch_ops",
-    "triton": "optimum_atb.kernels.triton",
-    "npu": "optimum_atb.kernels.npu_ops",
+    "torch": ("optimum_atb.kernels.torch_ops", "optimum_atb.kernels.quant_torch"),
+    "triton": ("optimum_atb.kernels.triton", "optimum_atb.kernels.quant_triton"),
+    "npu": ("optimum_atb.kernels.npu_ops", "optimum_atb.kernels.quant_npu"),
 }
 _loaded: set[str] = set()
 
@@ -33,7 +34,8 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 
 def _load(backend: str) -> None:
     if backend not in _loaded:
-        importlib.import_module(_BACKEND_MODULES[backend])
+        for module in _BACKEND_MODULES[backend]:
+            importlib.import_module(module)
         _loaded.add(backend)
 
 

@@ -96,7 +96,9 @@ def set_backend(name: str | None) -> None:
         _check_name(name)
         reason = None if name == "auto" else _unavailable_reason(name)
         if reason is not None:
-            raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}. {_INSTALL_HINT[name]}.")
+            raise BackendUnavailableError(
+                f"backend {name!r} is unavailable: {reason}. {_INSTALL_HINT[name]}."
+            )
     _global_choice = None if name in (None, "auto") else name
 
 
