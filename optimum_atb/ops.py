@@ -82,8 +82,10 @@ def paged_attention(
     """Attention of q [B,Sq,Hq,D] over a paged KV pool k/v_cache [num_blocks, block_size, Hkv, D].
 
     ``block_tables`` int32 [B, max_blocks]; ``context_lens`` int32 [B]: keys per sequence, the Sq new
-    tokens included (they must already be written, see :func:`reshape_and_cache`). With Sq > 1 the new
-    tokens are causal among themselves (speculative verification). Returns [B,Sq,Hq,D].
+    tokens included (they must already be written, see :func:`reshape_and_cache`). Key ``t`` of sequence
+    ``b`` lives at ``cache[block_tables[b, t // block_size], t % block_size]``; table entries past a
+    sequence's last block and slots past its context are never read. With Sq > 1 the new tokens are
+    causal among themselves (speculative verification). Returns [B,Sq,Hq,D].
     """
     scale = V.check_paged_attention(
         q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, alibi_slopes, softcap
@@ -132,7 +134,7 @@ def layer_norm(
     residual: torch.Tensor | None = None,
 ):
     """LayerNorm over the last dim; with ``residual`` returns ``(norm(x + residual), x + residual)``."""
-    V.check_norm(x, weight, residual)
+    V.check_norm(x, weight, residual, bias)
     return _run("layer_norm", x.device, x=x, weight=weight, bias=bias, eps=eps, residual=residual)
 
 
@@ -149,10 +151,13 @@ def apply_rotary(
 ):
     """Rotate q [B,S,Hq,D] and k [B,S,Hkv,D] by cos/sin [B or 1, S, rotary_dim] in one fused op.
 
-    ``cos``/``sin`` are what the model's rotary module returns (every rope-scaling variant). Only the first
-    ``rotary_dim`` channels turn (partial rotary); ``interleaved`` pairs (0,1),(2,3).. instead of halves.
-    ``xpos_scale_base`` applies xPos decay (q scaled by ``zeta**(pos/base)``, k by its inverse, ``positions``
-    [B or 1, S] required). Returns new tensors (q_rot, k_rot).
+    ``cos``/``sin`` are what the model's rotary module returns (every rope-scaling variant): per position
+    the angles ``[t0..t(R/2-1), t0..t(R/2-1)]`` (rotate_half layout). Only the first ``rotary_dim`` channels
+    turn (partial rotary), the rest pass through. ``interleaved`` (GPT-J) pairs channels (0,1),(2,3)..
+    instead of (i, i+R/2), with cos/sin holding each angle twice in a row: ``[t0, t0, t1, t1, ..]``.
+    ``xpos_scale_base`` applies xPos decay: pair ``i`` of q is scaled by ``zeta_i**(pos/base)`` and of k by
+    its inverse, ``zeta_i = (2i + 0.4 R) / (1.4 R)``, ``positions`` [B or 1, S] required.
+    Returns new tensors (q_rot, k_rot).
     """
     V.check_rotary(q, k, cos, sin, rotary_dim, xpos_scale_base, positions)
     return _run(

@@ -1,0 +1,57 @@
+"""Packaging: kernels/ and patches/ are installed as optimum_atb.kernels / optimum_atb.patches, never as a
+top-level ``kernels`` module (that name is Hugging Face's ``kernels`` package, which transformers probes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_PROBE = """
+import importlib.util, json, sys
+from transformers.utils import is_kernels_available
+before = is_kernels_available()
+spec = importlib.util.find_spec("kernels")
+import optimum_atb, optimum_atb.kernels, optimum_atb.patches
+is_kernels_available.cache_clear() if hasattr(is_kernels_available, "cache_clear") else None
+print(json.dumps({
+    "kernels_origin": None if spec is None else spec.origin,
+    "before": before,
+    "after": is_kernels_available(),
+    "optimum_atb.kernels": optimum_atb.kernels.__file__,
+    "optimum_atb.patches": optimum_atb.patches.__file__,
+    "top_level_kernels_loaded": "kernels" in sys.modules,
+    "backend_modules_loaded": sorted(m for m in sys.modules if m.startswith(
+        ("optimum_atb.kernels.triton", "optimum_atb.kernels.npu_ops", "optimum_atb.kernels.quant_triton",
+         "optimum_atb.kernels.quant_npu"))),
+    "torch_npu_loaded": "torch_npu" in sys.modules,
+}))
+"""
+
+
+def _probe(tmp_path) -> dict:
+    """Run the probe in a fresh interpreter whose working directory is not the repository."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_installed_layout(tmp_path):
+    found = _probe(tmp_path)
+    origin = found["kernels_origin"]
+    assert origin is None or not Path(origin).resolve().is_relative_to(REPO), (
+        f"a top-level 'kernels' module resolves into this repository: {origin}"
+    )
+    assert not found["top_level_kernels_loaded"], "importing optimum_atb imported a top-level 'kernels'"
+    assert found["before"] == found["after"], "import optimum_atb changed transformers.is_kernels_available()"
+    assert Path(found["optimum_atb.kernels"]).resolve() == REPO / "kernels" / "__init__.py"
+    assert Path(found["optimum_atb.patches"]).resolve() == REPO / "patches" / "__init__.py"
+    assert found["backend_modules_loaded"] == [], "the triton/npu backends must load lazily, on first use"
+    assert not found["torch_npu_loaded"], "import optimum_atb must not import torch_npu"
