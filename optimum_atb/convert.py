@@ -1,9 +1,227 @@
-"""STUB (owner: integration helper): model.to_atb() / revert()."""
+"""``model.to_atb()`` and ``optimum_atb.revert(model)``: instance-level conversion of LLaMA-family models.
+
+Conversion binds fused forwards (:mod:`optimum_atb.patches.fused`) on the model's own module instances
+and adds concatenated QKV / gate-up projections whose weights the original parameters view
+(:mod:`optimum_atb.patches.weights`). Other models in the process, the classes and the checkpoint
+format are untouched; ``revert`` restores the stock modules exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import MethodType
+
+import torch
+from torch import nn
+
+from .backends import resolve, use_backend
+from .errors import QuantizationError, UnsupportedModelError
+
+FUSIONS = ("norm", "rotary", "qkv", "mlp", "attention")
+QUANTIZE_BITS = {"int8": 8, "int4": 4}
+_ATTENTION_FUSIONS = {"rotary", "qkv", "attention"}
 
 
-def to_atb(model, **kwargs):
-    raise NotImplementedError
+@dataclass
+class _State:
+    """What ``to_atb`` changed on one model, so that ``revert`` can undo it."""
+
+    fuse: frozenset[str]
+    backend: str
+    quantize: str | None
+    forwards: list[tuple[nn.Module, object]] = field(
+        default_factory=list
+    )  # (module, previous instance forward)
+    fused: list[tuple[nn.Module, tuple[str, ...], str]] = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+    attn_implementation: str | None = None  # the one to restore, when "attention" changed it
 
 
-def revert(model):
-    raise NotImplementedError
+def _check_fuse(fuse: bool | Iterable[str]) -> frozenset[str]:
+    if fuse is True:
+        return frozenset(FUSIONS)
+    if fuse is False or fuse is None:
+        return frozenset()
+    if isinstance(fuse, str):
+        fuse = (fuse,)
+    names = frozenset(fuse)
+    unknown = sorted(names - set(FUSIONS))
+    if unknown:
+        raise ValueError(f"unknown fusion(s) {unknown}; choose from {FUSIONS} (or fuse=True for all)")
+    return names
+
+
+def _check_backend(model: nn.Module, backend: str) -> None:
+    if backend == "auto":
+        return
+    device = next(model.parameters()).device
+    with use_backend(backend):  # raises ValueError for an unknown name
+        resolve(device)  # raises BackendUnavailableError when it cannot run on the model's device
+
+
+def _bind(state: _State, module: nn.Module, fn) -> None:
+    state.forwards.append((module, module.__dict__.get("forward")))
+    module.forward = MethodType(fn, module)
+
+
+def _pin_backend(state: _State, model: nn.Module, backend: str) -> None:
+    inner = model.forward
+
+    @functools.wraps(type(model).forward)
+    def pinned(self, *args, **kwargs):
+        with use_backend(backend):
+            return inner(*args, **kwargs)
+
+    _bind(state, model, pinned)
+
+
+def _glu(spec, config):
+    from .patches.fused import GLU_OPS
+
+    return GLU_OPS.get(getattr(config, spec.act_config_key, None), (None, {}))
+
+
+def _convert_layer(state: _State, spec, layer: nn.Module, config) -> None:
+    from .patches import fused
+    from .patches.weights import fuse_linears
+
+    fuse = state.fuse
+    attn, mlp = layer.self_attn, layer.mlp
+    if "norm" in fuse:
+        layer._atb = fused.DecoderPlan(fused.norm_eps(layer.input_layernorm), spec.norm_offset)
+        _bind(state, layer, spec.decoder_forward)
+    if fuse & _ATTENTION_FUSIONS or ("norm" in fuse and spec.qk_norm):
+        if "qkv" in fuse and not spec.fused_in_checkpoint:
+            state.hooks += fuse_linears(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+            state.fused.append((attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
+        split = None
+        if hasattr(attn, "qkv_proj"):
+            q_size = config.num_attention_heads * attn.head_dim
+            kv_size = config.num_key_value_heads * attn.head_dim
+            split = (q_size, kv_size, kv_size)
+        qk_norm = None
+        if spec.qk_norm and "norm" in fuse:
+            qk_norm = (fused.norm_eps(attn.q_norm), spec.norm_offset)
+        attn._atb = fused.AttentionPlan(
+            head_dim=attn.head_dim,
+            split=split,
+            rotary="rotary" in fuse,
+            attention="attention" in fuse,
+            sliding_window=attn.sliding_window
+            if hasattr(attn, "sliding_window")
+            else getattr(config, "sliding_window", None),
+            softcap=getattr(attn, "attn_logit_softcapping", None),
+            qk_norm=qk_norm,
+            apply_rotary_pos_emb=spec.modeling.apply_rotary_pos_emb,
+            eager_attention=spec.modeling.eager_attention_forward,
+        )
+        _bind(state, attn, fused.attention_forward)
+    if "mlp" in fuse:
+        if not spec.fused_in_checkpoint:
+            state.hooks += fuse_linears(mlp, ("gate_proj", "up_proj"), "gate_up_proj")
+            state.fused.append((mlp, ("gate_proj", "up_proj"), "gate_up_proj"))
+        glu, glu_kwargs = _glu(spec, config)
+        mlp._atb = fused.MLPPlan(glu, glu_kwargs)
+        _bind(state, mlp, fused.mlp_forward)
+
+
+def _decoder_layers(model: nn.Module, spec) -> list[nn.Module]:
+    layer_cls, attn_cls, mlp_cls = spec.cls("DecoderLayer"), spec.cls("Attention"), spec.cls("MLP")
+    layers = [m for m in model.modules() if isinstance(m, layer_cls)]
+    bad = [
+        type(m).__name__
+        for layer in layers
+        for m, cls in ((layer.self_attn, attn_cls), (layer.mlp, mlp_cls))
+        if not isinstance(m, cls)
+    ]
+    if not layers or bad:
+        raise UnsupportedModelError(
+            f"to_atb() expected {layer_cls.__name__} layers with {attn_cls.__name__} and {mlp_cls.__name__} "
+            f"for model_type {spec.name!r}, found {bad or 'no decoder layer'}; the modules were replaced or the "
+            "model is not one of the supported architectures."
+        )
+    return layers
+
+
+def to_atb(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    fuse: bool | Iterable[str] = True,
+    quantize: str | None = None,
+    group_size: int | None = None,
+) -> nn.Module:
+    """Convert a LLaMA-family model in place to optimum-atb's fused modules and return it.
+
+    ``fuse``: True (all), False, or a subset of ``FUSIONS``. ``backend``: ``"auto"`` (by device) or a
+    backend name pinned for this model's ops (checked now: ``BackendUnavailableError``). ``quantize``:
+    None, ``"int8"`` or ``"int4"`` weight-only (with ``group_size``). A second call is a no-op.
+    Raises :class:`UnsupportedModelError` for other architectures, before changing anything.
+    """
+    if getattr(model, "_atb_state", None) is not None:
+        return model
+    from .patches import spec_for
+
+    fusions = _check_fuse(fuse)
+    if quantize is not None and quantize not in QUANTIZE_BITS:
+        raise QuantizationError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+    config = model.config
+    spec = spec_for(getattr(config, "model_type", None))
+    layers = _decoder_layers(model, spec)
+    _check_backend(model, backend)
+
+    state = _State(fuse=fusions, backend=backend, quantize=quantize)
+    with torch.no_grad():
+        for layer in layers:
+            _convert_layer(state, spec, layer, config)
+    if "attention" in fusions and config._attn_implementation != "atb":
+        state.attn_implementation = config._attn_implementation
+        model.set_attn_implementation("atb")
+    if backend != "auto":
+        _pin_backend(state, model, backend)
+    model._atb_state = state
+    if quantize is not None:
+        from .quantization import quantize as quantize_model
+
+        quantize_model(model, bits=QUANTIZE_BITS[quantize], group_size=group_size)
+    from . import speculative
+
+    speculative.attach(model)
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo :func:`to_atb`: stock modules, plain parameters, logits identical to before conversion.
+
+    A model quantized by ``to_atb(quantize=...)`` cannot be restored (its weights were replaced):
+    raises :class:`QuantizationError`. A model that was never converted is returned unchanged.
+    """
+    state: _State | None = getattr(model, "_atb_state", None)
+    if state is None:
+        return model
+    if state.quantize is not None:
+        raise QuantizationError(
+            f"revert() cannot restore a model quantized to {state.quantize}: the original weights are gone. "
+            "Reload the model instead."
+        )
+    from . import speculative
+    from .patches.weights import unfuse_linears
+
+    speculative.detach(model)
+    for module, previous in reversed(state.forwards):
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+        module.__dict__.pop("_atb", None)
+    for handle in state.hooks:
+        handle.remove()
+    with torch.no_grad():
+        for parent, parts, name in state.fused:
+            unfuse_linears(parent, parts, name)
+    if state.attn_implementation is not None:
+        model.set_attn_implementation(state.attn_implementation)
+    del model._atb_state
+    return model

@@ -1,0 +1,100 @@
+"""Decode speed: stock transformers (sdpa) vs ``model.to_atb()`` on SmolLM2-135M, in one run.
+
+Decode tokens/s excludes the prefill: ``(new_tokens - 1) * batch / (t(new_tokens) - t(1))``, each time
+the median of ``--repeats`` greedy runs with EOS disabled (see benchmarks/harness.py).
+
+    python benchmarks/bench_decode.py                 # fp32 and bf16, batch 1 and 8
+    python benchmarks/bench_decode.py --quick         # short version for a shared machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402  (sibling module; this folder is not an installed package)
+import torch  # noqa: E402
+
+import optimum_atb  # noqa: E402, F401  (attaches to_atb)
+
+SUITE = {"quick": (32, 1), "full": (128, 3)}  # new tokens, repeats
+
+
+def decode_rate(model, inputs: dict, new_tokens: int, repeats: int) -> float:
+    """Decode tokens/s over all rows, prefill excluded."""
+    full = harness.time_generate(model, inputs, new_tokens, repeats=repeats)
+    prefill = harness.time_generate(model, inputs, 1, repeats=repeats)
+    batch = inputs["input_ids"].shape[0]
+    return (new_tokens - 1) * batch / max(full.seconds - prefill.seconds, 1e-9)
+
+
+def measure(
+    dtypes: list[str], batches: list[int], prompt_len: int, new_tokens: int, repeats: int
+) -> list[harness.Row]:
+    """Stock sdpa vs to_atb() for every dtype x batch, side by side in this process."""
+    rows = []
+    for dtype_name in dtypes:
+        stock, tok = harness.load_smollm2(getattr(torch, dtype_name))
+        stock.set_attn_implementation("sdpa")
+        atb = copy.deepcopy(stock).to_atb()
+        for batch in batches:
+            inputs = harness.make_inputs(tok, batch, prompt_len=prompt_len)
+            base = decode_rate(stock, inputs, new_tokens, repeats)
+            value = decode_rate(atb, inputs, new_tokens, repeats)
+            rows.append(
+                harness.Row(
+                    benchmark="decode",
+                    config=f"to_atb {dtype_name} batch {batch}",
+                    baseline="stock sdpa",
+                    baseline_value=base,
+                    value=value,
+                    extra={"ms_per_step_stock": 1000 * batch / base, "ms_per_step_atb": 1000 * batch / value},
+                )
+            )
+            print(f"{dtype_name} batch {batch}: stock {base:.1f} tok/s, to_atb {value:.1f} tok/s", flush=True)
+        del stock, atb
+    return rows
+
+
+def run(suite: str = "quick", device: str = "cpu") -> list[harness.Row]:
+    """Entry point of benchmarks/run_all.py."""
+    if device != "cpu":
+        raise SystemExit("bench_decode measures the CPU path")
+    new_tokens, repeats = SUITE[suite]
+    return measure(["float32", "bfloat16"], [1, 8], 64, new_tokens, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat (noisy)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    new_tokens, repeats = SUITE["quick" if args.quick else "full"]
+    harness.setup(args.threads)
+    print(harness.machine_description())
+    rows = measure(
+        args.dtypes.split(","),
+        [int(b) for b in args.batches.split(",")],
+        args.prompt_len,
+        args.new_tokens or new_tokens,
+        args.repeats or repeats,
+    )
+    harness.print_rows(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
