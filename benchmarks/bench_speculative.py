@@ -1,0 +1,100 @@
+"""Speculative decoding against plain stock greedy decoding on SmolLM2-135M (see benchmarking.md).
+
+Per target dtype (fp32, bf16) and prompt kind (text continuation, chat template), batch 1:
+  plain stock greedy | int4 self-draft (optimum_atb.draft_from) | our n-gram lookup | stock prompt lookup;
+and batch 4 with the int4 self-draft against stock batch-4 greedy.
+Acceptance (accepted / proposed draft tokens) and tokens per target forward are printed beside every
+speculative figure. ``--quick``: fp32 only, 48 new tokens, one timed run (a smoke test, not a result).
+
+    python benchmarks/bench_speculative.py [--quick] [--threads N] [--new-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import optimum_atb  # noqa: E402
+from optimum_atb.speculative import attach, detach  # noqa: E402
+
+
+def measure(model, inputs, new_tokens, repeats, **gen_kwargs):
+    """(tokens/s, stats of the last run or None)."""
+    model.__dict__.pop("atb_speculative_stats", None)
+    timing = harness.time_generate(model, inputs, new_tokens, repeats=repeats, **gen_kwargs)
+    return timing.tokens_per_s, getattr(model, "atb_speculative_stats", None)
+
+
+def bench_dtype(dtype, kinds, new_tokens, repeats, batch4: bool):
+    model, tok = harness.load_smollm2(dtype)
+    draft = optimum_atb.draft_from(model, quantize="int4")
+    results = []
+
+    def add(name, config, base_name, base, value, stats):
+        row = harness.Row(name, config, base_name, base, value)
+        if stats is not None:
+            row.extra = {
+                "acceptance": stats.acceptance_rate,
+                "tokens_per_forward": stats.tokens_per_target_forward,
+            }
+        results.append(row)
+
+    dname = str(dtype).replace("torch.", "")
+    for kind in kinds:
+        inputs = harness.make_inputs(tok, 1, kind=kind)
+        detach(model)
+        plain, _ = measure(model, inputs, new_tokens, repeats)
+        stock_lookup, _ = measure(model, inputs, new_tokens, repeats, prompt_lookup_num_tokens=10)
+        attach(model)
+        spec, stats = measure(model, inputs, new_tokens, repeats, assistant_model=draft)
+        add(f"{dname} b1 {kind}", "int4 self-draft", "stock greedy", plain, spec, stats)
+        ngram, stats = measure(model, inputs, new_tokens, repeats, prompt_lookup_num_tokens=10)
+        add(f"{dname} b1 {kind}", "n-gram (ours, k<=10)", "stock greedy", plain, ngram, stats)
+        add(f"{dname} b1 {kind}", "n-gram (ours, k<=10)", "stock prompt lookup", stock_lookup, ngram, stats)
+    if batch4:
+        inputs = harness.make_inputs(tok, 4, kind="text")
+        detach(model)
+        plain, _ = measure(model, inputs, new_tokens, repeats)
+        attach(model)
+        spec, stats = measure(model, inputs, new_tokens, repeats, assistant_model=draft)
+        add(f"{dname} b4 text", "int4 self-draft", "stock greedy", plain, spec, stats)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke version (fp32, 48 tokens, 1 run)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    args = parser.parse_args()
+    threads = harness.setup(args.threads)
+    quick = args.quick
+    new_tokens = args.new_tokens or (48 if quick else 128)
+    repeats = 1 if quick else 3
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    print(f"# bench_speculative{' --quick (smoke test, not a result)' if quick else ''}")
+    print(f"{harness.machine_description()}; threads={threads}; new tokens={new_tokens}; repeats={repeats}\n")
+    rows = []
+    for dtype in dtypes:
+        rows += bench_dtype(dtype, ["text", "chat"], new_tokens, repeats, batch4=dtype == torch.float32)
+    print(
+        "| benchmark | config | baseline | baseline tok/s | tok/s | ratio | acceptance | tokens/target fwd |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        acc = r.extra.get("acceptance", float("nan"))
+        tpf = r.extra.get("tokens_per_forward", float("nan"))
+        print(
+            f"| {r.benchmark} | {r.config} | {r.baseline} | {r.baseline_value:.1f} | {r.value:.1f} "
+            f"| {r.ratio:.2f}x | {acc:.2f} | {tpf:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Greedy identity on the embedded SmolLM2-135M for each draft source, batch 1 and batch 4 with padding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import optimum_atb
+from optimum_atb.speculative import attach
+
+NEW_TOKENS = 32
+PROMPTS = [
+    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Photosynthesis is the process by which green plants use sunlight to",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+]
+
+
+def truncated_copy(model, layers: int = 6):
+    """The target's first `layers` decoder layers and its head: a draft sharing the vocabulary."""
+    draft = copy.deepcopy(model)
+    draft.model.layers = draft.model.layers[:layers]
+    draft.config.num_hidden_layers = layers
+    return draft
+
+
+SOURCES = {
+    "truncated": lambda m: {"assistant_model": truncated_copy(m)},
+    "int4_self": lambda m: {"assistant_model": optimum_atb.draft_from(m, quantize="int4")},
+    "ngram": lambda m: {"prompt_lookup_num_tokens": 8, "num_assistant_tokens_schedule": "constant"},
+}
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_greedy_identity_smollm2(smollm2, smollm2_tokenizer, source, batch):
+    tok = smollm2_tokenizer
+    tok.padding_side = "left"
+    inputs = dict(tok(PROMPTS[:batch], return_tensors="pt", padding=True))
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.inference_mode():
+        ref = smollm2.generate(**inputs, **kwargs)
+        attach(smollm2)
+        out = smollm2.generate(**inputs, **kwargs, **SOURCES[source](smollm2))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    stats = smollm2.atb_speculative_stats
+    assert stats.accepted_tokens > 0 and stats.tokens_per_target_forward > 1.0
