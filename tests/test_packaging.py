@@ -55,3 +55,19 @@ def test_installed_layout(tmp_path):
     assert Path(found["optimum_atb.patches"]).resolve() == REPO / "patches" / "__init__.py"
     assert found["backend_modules_loaded"] == [], "the triton/npu backends must load lazily, on first use"
     assert not found["torch_npu_loaded"], "import optimum_atb must not import torch_npu"
+
+
+def test_checkout_root_on_sys_path_keeps_transformers_working():
+    """`python -m optimum_atb` from a checkout puts the root (and its `kernels/` folder) on sys.path:
+    transformers' kernels probe must still answer "not available" and loading a model must still work."""
+    probe = (
+        "import transformers.utils as u; from transformers import LlamaConfig, LlamaForCausalLM; "
+        "import optimum_atb; "
+        "LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, "
+        "num_hidden_layers=1, num_attention_heads=2)); print(u.is_kernels_available())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
