@@ -1,1 +1,69 @@
-"""STUB: replaced by its owner."""
+"""Weight-only quantized matmul on the torch backend (CPU: torch's packed int8/int4 kernels).
+
+On CPU the activations are cast to bfloat16 for the packed kernels and the output back to the input
+dtype: an fp32 model quantized here computes its linear layers in bf16 (int8 weights with fp32
+activations are slower than plain fp32, so that path is never taken). Shapes or devices the packed
+kernels do not take fall back to dequantize-then-matmul, with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from optimum_atb.backends import warn_once
+from optimum_atb.kernels.dispatch import register
+from optimum_atb.quantization.formats import dequantize, unpack_int4
+
+_KERNEL_DTYPE = torch.bfloat16
+
+
+def _packed_kernel_reason(qweight, bits, group_size, device) -> str | None:
+    """None when torch's CPU packed kernel can run this layer, else why not."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    if device.type != "cpu":
+        return f"torch has no packed {bits}-bit kernel wired up for {device.type} here"
+    if k % 16:  # _weight_int8pack_mm crashes (segfault) for in_features % 16 != 0 in torch 2.13
+        return f"in_features={k} is not a multiple of 16"
+    if bits == 8 and group_size is not None:
+        return "group-wise int8 (GGUF Q8_0) has no packed CPU kernel"
+    if bits == 4 and n % 16:
+        return f"out_features={n} is not a multiple of 16"
+    return None
+
+
+@register("weight_quant_prepare", "torch")
+def prepare(*, qweight, scale, zero, bits, group_size) -> dict:
+    """Repack the neutral format for torch's kernels (see `optimum_atb.quantization.formats`)."""
+    reason = _packed_kernel_reason(qweight, bits, group_size, qweight.device)
+    if reason is not None:
+        warn_once(
+            f"quant-torch-fallback-{reason}",
+            f"optimum-atb: {reason}; this quantized layer dequantizes its weight on every call (slower).",
+        )
+        return {"kind": "dequant", "args": (qweight, scale, zero, bits, group_size)}
+    if bits == 8:
+        return {"kind": "int8", "weight": qweight, "scale": scale.to(_KERNEL_DTYPE)}
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(qweight), 1)
+    # [K/g, N, 2] scale-and-zero; the kernel computes (q - 8) * scale + zero
+    scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(_KERNEL_DTYPE).contiguous()
+    return {"kind": "int4", "weight": packed, "scale_zero": scale_zero, "group_size": group_size}
+
+
+@register("weight_quant_matmul", "torch")
+def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` in the layout `prepare` produced; output in x's dtype."""
+    if state["kind"] == "dequant":
+        w = dequantize(*state["args"], dtype=x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(_KERNEL_DTYPE)
+    if state["kind"] == "int8":
+        y = torch.ops.aten._weight_int8pack_mm(x2, state["weight"], state["scale"])
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, state["weight"], state["group_size"], state["scale_zero"]
+        )
+    y = y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias.to(x.dtype)

@@ -1,17 +1,14 @@
-"""STUB (owner: quantization helper)."""
+"""Weight-only quantization (W8A16, W4A16) and GGUF checkpoints kept quantized.
 
+- :func:`quantize`: swap a model's linear layers for :class:`QuantLinear` in place.
+- :class:`AtbQuantConfig`: ``from_pretrained(path, quantization_config=AtbQuantConfig(bits=8))``.
+- :func:`load_gguf`: a GGUF file's Q4_0/Q4_1/Q8_0 linear weights loaded without dequantizing them.
+"""
 
-class AtbQuantConfig:
-    pass
+from .apply import quantize
+from .config import AtbQuantConfig
+from .gguf import load_gguf
+from .hf_quantizer import register
+from .linear import QuantLinear
 
-
-def quantize(model, **kwargs):
-    raise NotImplementedError
-
-
-def load_gguf(*args, **kwargs):
-    raise NotImplementedError
-
-
-def register() -> None:
-    pass
+__all__ = ["AtbQuantConfig", "QuantLinear", "load_gguf", "quantize", "register"]

@@ -1,0 +1,113 @@
+"""Decode speed, peak memory and weight bytes of quantized SmolLM2-135M against stock fp32 and bf16.
+
+    python benchmarks/bench_quant.py            # full: batch 1 and 8, 128 new tokens, 3 repeats
+    python benchmarks/bench_quant.py --quick    # short: batch 1, 16 new tokens, 1 repeat
+
+Every configuration runs in its own child process (peak RSS is per process), with the same allocator
+settings and thread count; results are ratios against stock measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from harness import Row, load_smollm2, machine_description, make_inputs, print_rows, setup, time_generate  # noqa: E402
+
+CONFIGS = ("stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1")
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def build(config: str):
+    import optimum_atb
+
+    if config == "gguf-q4_1":
+        from harness import GGUF_FILE, smollm2_dir
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
+        return optimum_atb.load_gguf(smollm2_dir(), GGUF_FILE), tok
+    model, tok = load_smollm2(torch.bfloat16 if config == "stock-bf16" else torch.float32)
+    if config in ("int8", "int4"):
+        optimum_atb.quantize(model, bits=8 if config == "int8" else 4)
+    return model, tok
+
+
+def child(config: str, batches: list[int], new_tokens: int, repeats: int) -> None:
+    """Measure one configuration; prints one JSON line."""
+    setup()
+    model, tok = build(config)
+    result = {"config": config, "weight_bytes": weight_bytes(model), "tokens_per_s": {}}
+    for batch in batches:
+        inputs = make_inputs(tok, batch, prompt_len=64)
+        result["tokens_per_s"][str(batch)] = time_generate(
+            model, inputs, new_tokens, repeats=repeats
+        ).tokens_per_s
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1, 16 new tokens, 1 repeat")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batches, new_tokens, repeats = ([1], 16, 1) if args.quick else ([1, 8], 128, 3)
+    if args.child:
+        child(args.child, batches, new_tokens, repeats)
+        return
+    threads = setup()
+    results = {}
+    for config in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--child", config] + (["--quick"] if args.quick else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[config] = json.loads(out.strip().splitlines()[-1])
+    print(
+        f"# bench_quant: {machine_description()} ({threads} threads), new tokens {new_tokens}, repeats {repeats}"
+    )
+    rows = []
+    for base in ("stock-fp32", "stock-bf16"):
+        if base not in results:
+            continue
+        for config, r in results.items():
+            if config.startswith("stock"):
+                continue
+            for batch, value in r["tokens_per_s"].items():
+                rows.append(
+                    Row("decode", f"{config} b{batch}", base, results[base]["tokens_per_s"][batch], value)
+                )
+            rows.append(
+                Row(
+                    "weights",
+                    config,
+                    base,
+                    results[base]["weight_bytes"] / 2**20,
+                    r["weight_bytes"] / 2**20,
+                    "MiB",
+                )
+            )
+            rows.append(
+                Row("peak RSS", config, base, results[base]["peak_rss_mib"], r["peak_rss_mib"], "MiB")
+            )
+    print_rows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""quantize(), AtbQuantConfig through from_pretrained/save_pretrained, and the errors, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import optimum_atb
+from optimum_atb import AtbQuantConfig, QuantizationError
+from optimum_atb.quantization import QuantLinear
+
+CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+)  # fmt: skip
+
+
+def _tiny() -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture
+def saved_float(tmp_path):
+    model = _tiny()
+    model.save_pretrained(tmp_path / "float")
+    return model, tmp_path / "float"
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
+def test_quantize_replaces_decoder_linears_and_keeps_lm_head(bits, group):
+    model = _tiny()
+    ids = torch.randint(0, 128, (2, 12))
+    ref = _logits(model, ids)
+    optimum_atb.quantize(model, bits=bits, group_size=group)
+    layer = model.model.layers[0]
+    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj):
+        assert isinstance(proj, QuantLinear) and proj.bits == bits
+    assert type(model.lm_head) is torch.nn.Linear
+    assert model.config.quantization_config.bits == bits
+    out = _logits(model, ids)
+    assert (out - ref).abs().max() < (0.05 if bits == 8 else 0.25) * ref.abs().max()
+
+
+def test_quantize_lm_head_on_request():
+    model = optimum_atb.quantize(_tiny(), bits=8, include_lm_head=True)
+    assert isinstance(model.lm_head, QuantLinear)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=3), "bits=3"),
+        (dict(bits=4, group_size=48), "group_size=48"),
+        (dict(bits=8, group_size=32), "per output channel"),
+        (dict(bits=4, group_size=128), "does not divide in_features=64"),
+    ],
+)
+def test_invalid_requests_raise_before_changing_the_model(kwargs, match):
+    model = _tiny()
+    with pytest.raises(QuantizationError, match=match):
+        optimum_atb.quantize(model, **kwargs)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_quantizing_twice_raises():
+    model = optimum_atb.quantize(_tiny(), bits=8)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        optimum_atb.quantize(model, bits=4)
+
+
+def test_config_rejects_bad_bits():
+    with pytest.raises(QuantizationError):
+        AtbQuantConfig(bits=2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_from_pretrained_quantizes_at_load_like_quantize(saved_float, bits, tmp_path):
+    model, path = saved_float
+    ids = torch.randint(0, 128, (2, 10))
+    expected = _logits(optimum_atb.quantize(model, bits=bits), ids)
+    loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=AtbQuantConfig(bits=bits)).eval()
+    assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantLinear)
+    assert loaded.model.layers[1].mlp.up_proj.weight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=0)
+
+    loaded.save_pretrained(tmp_path / "quantized")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quantized").eval()
+    assert reloaded.config.quantization_config.bits == bits
+    assert isinstance(reloaded.model.layers[0].self_attn.v_proj, QuantLinear)
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=0)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        optimum_atb.quantize(reloaded, bits=8)
+
+
+def test_save_after_in_place_quantize_roundtrips(tmp_path):
+    model = optimum_atb.quantize(_tiny(), bits=4, group_size=32)
+    ids = torch.randint(0, 128, (1, 9))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), rtol=0, atol=0)

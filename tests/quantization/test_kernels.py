@@ -1,0 +1,110 @@
+"""Each quantized linear kernel against dequantize-then-matmul in float64, per backend and format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import optimum_atb
+from optimum_atb.quantization import QuantLinear
+from optimum_atb.quantization.formats import dequantize, pack_int4, quantize_int4, quantize_int8, unpack_int4
+import npu_emulator
+
+# (bits, group_size): int8 per channel, int4 at two group sizes, int8 per group of 32 (GGUF Q8_0)
+FORMATS = [(8, None), (4, 32), (4, 64), (8, 32)]
+# bf16 activations (torch CPU kernels, NPU): relative to the output's max magnitude
+BF16_TOL = 2e-2
+
+
+def _layer(bits: int, group: int | None, k: int = 128, n: int = 48, bias: bool = True) -> QuantLinear:
+    lin = torch.nn.Linear(k, n, bias=bias)
+    if (bits, group) != (8, 32):
+        return QuantLinear.from_linear(lin, bits, group)
+    layer = QuantLinear(k, n, 8, 32, bias=bias)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    layer.set_quantized(q, torch.rand(n, k // 32) * 0.01 + 1e-3, None)
+    if bias:
+        layer.bias.data.copy_(lin.bias.detach())
+    return layer
+
+
+def _reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    w = dequantize(layer.weight, layer.weight_scale, layer.weight_zero, layer.bits, layer.group_size)
+    ref = x.double() @ w.t()
+    return ref if layer.bias is None else ref + layer.bias.double()
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_int4_pack_roundtrip():
+    q = torch.randint(0, 16, (8, 64))
+    assert torch.equal(unpack_int4(pack_int4(q)), q.to(torch.int32))
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_quantization_error_is_at_most_half_a_step(group):
+    w = torch.randn(32, 128)
+    qweight, scale, zero = quantize_int4(w, group)
+    err = (dequantize(qweight, scale, zero, 4, group) - w.double()).abs()
+    step = scale.double().repeat_interleave(group, dim=1)
+    assert (err <= step / 2 + 1e-6).all()
+
+
+def test_int8_quantization_error_is_at_most_half_a_step():
+    w = torch.randn(32, 128)
+    qweight, scale = quantize_int8(w)
+    err = (dequantize(qweight, scale, None, 8, None) - w.double()).abs()
+    assert (err <= scale.double()[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits,group", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend(bits, group, dtype):
+    layer = _layer(bits, group)
+    x = torch.randn(2, 3, 128).to(dtype)
+    with optimum_atb.use_backend("torch"):
+        y = layer(x)
+    assert y.dtype == dtype and y.shape == (2, 3, 48)
+    assert _rel_err(y, _reference(layer, x)) < BF16_TOL
+
+
+def test_torch_backend_uses_packed_kernels_for_supported_shapes():
+    for bits, group, kind in [(8, None, "int8"), (4, 32, "int4"), (8, 32, "dequant")]:
+        layer = _layer(bits, group)
+        with optimum_atb.use_backend("torch"):
+            layer(torch.randn(1, 128))
+        assert layer._prepared["torch"]["kind"] == kind
+
+
+def test_torch_backend_falls_back_with_warning_for_odd_shapes():
+    layer = QuantLinear.from_linear(torch.nn.Linear(40, 8), 8, None)  # in_features % 16 != 0
+    x = torch.randn(3, 40)
+    with pytest.warns(UserWarning, match="dequantizes its weight"), optimum_atb.use_backend("torch"):
+        y = layer(x)
+    assert _rel_err(y, _reference(layer, x)) < 1e-5
+
+
+@pytest.mark.parametrize("bits,group", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_backend_interpreted(bits, group, dtype):
+    layer = _layer(bits, group, k=96 if group != 64 else 128, n=40)  # K and N not multiples of the tiles
+    x = torch.randn(5, layer.in_features).to(dtype)
+    with optimum_atb.use_backend("triton"):
+        y = layer(x)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    assert y.dtype == dtype and _rel_err(y, _reference(layer, x)) < tol
+
+
+@pytest.mark.parametrize("bits,group", FORMATS)
+def test_npu_backend_emulated(bits, group):
+    layer = _layer(bits, group)
+    x = torch.randn(2, 3, 128)
+    with npu_emulator.installed() as npu, optimum_atb.use_backend("npu"):
+        y = layer(x)
+    assert [name for name, _ in npu.calls][-1] == "npu_weight_quant_batchmatmul"
+    args = npu.calls[-1][1]
+    assert args["antiquant_group_size"] == (group or 0)
+    assert args["x"].dtype == torch.bfloat16  # fp32 activations run in bf16, as documented
+    assert y.dtype == torch.float32 and _rel_err(y, _reference(layer, x)) < BF16_TOL
