@@ -89,11 +89,14 @@ def _convert_layer(state: _State, spec, layer: nn.Module, config) -> None:
 
     fuse = state.fuse
     attn, mlp = layer.self_attn, layer.mlp
+    # Quantized models keep Q/K/V and gate/up as separate quantized matmuls: concatenating first would
+    # quantize the shared-storage originals and the fused copy both.
+    concat = not spec.fused_in_checkpoint and state.quantize is None
     if "norm" in fuse:
         layer._atb = fused.DecoderPlan(fused.norm_eps(layer.input_layernorm), spec.norm_offset)
         _bind(state, layer, spec.decoder_forward)
     if fuse & _ATTENTION_FUSIONS or ("norm" in fuse and spec.qk_norm):
-        if "qkv" in fuse and not spec.fused_in_checkpoint:
+        if "qkv" in fuse and concat:
             state.hooks += fuse_linears(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
             state.fused.append((attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
         split = None
@@ -119,7 +122,7 @@ def _convert_layer(state: _State, spec, layer: nn.Module, config) -> None:
         )
         _bind(state, attn, fused.attention_forward)
     if "mlp" in fuse:
-        if not spec.fused_in_checkpoint:
+        if concat:
             state.hooks += fuse_linears(mlp, ("gate_proj", "up_proj"), "gate_up_proj")
             state.fused.append((mlp, ("gate_proj", "up_proj"), "gate_up_proj"))
         glu, glu_kwargs = _glu(spec, config)
@@ -157,7 +160,8 @@ def to_atb(
 
     ``fuse``: True (all), False, or a subset of ``FUSIONS``. ``backend``: ``"auto"`` (by device) or a
     backend name pinned for this model's ops (checked now: ``BackendUnavailableError``). ``quantize``:
-    None, ``"int8"`` or ``"int4"`` weight-only (with ``group_size``). A second call is a no-op.
+    None, ``"int8"`` or ``"int4"`` weight-only (with ``group_size``; Q/K/V and gate/up then stay separate
+    quantized matmuls). A second call is a no-op.
     Raises :class:`UnsupportedModelError` for other architectures, before changing anything.
     """
     if getattr(model, "_atb_state", None) is not None:

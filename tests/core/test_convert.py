@@ -200,9 +200,23 @@ def test_quantize_hook_and_revert_refusal(monkeypatch):
 
     monkeypatch.setattr(optimum_atb.quantization, "quantize", fake_quantize)
     model = _stock().to_atb(quantize="int4", group_size=32)
-    assert calls == [(4, 32, True)]  # called once, after the fused projections exist
+    assert calls == [(4, 32, False)]  # called once; quantized models keep Q/K/V as separate matmuls
     with pytest.raises(QuantizationError, match="revert"):
         optimum_atb.revert(model)
+
+
+@pytest.mark.parametrize("method,bits", [("int8", 8), ("int4", 4)])
+def test_to_atb_quantize_matches_quantized_stock(method, bits):
+    """Every linear quantized exactly once (no fused copy beside the originals), same math as quantizing
+    the stock model."""
+    from optimum_atb.quantization import QuantLinear
+
+    reference = optimum_atb.quantize(_stock(), bits=bits, group_size=32 if bits == 4 else None)
+    model = _stock().to_atb(quantize=method, group_size=32 if bits == 4 else None)
+    quantized = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 2 * 7 and not any("qkv" in n or "gate_up" in n for n in quantized)
+    assert not any(type(m) is torch.nn.Linear for n, m in model.named_modules() if ".layers." in n)
+    torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=2e-3)
 
 
 def test_speculative_hooks(monkeypatch):
