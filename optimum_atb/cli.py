@@ -1,5 +1,0 @@
-"""STUB: the optimum-atb command."""
-
-
-def main(argv=None) -> int:
-    return 0
