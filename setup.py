@@ -39,7 +39,7 @@ setup(
     package_dir=PACKAGE_DIR,
     install_requires=[
         "torch>=2.5",
-        "transformers>=5.20,<6",
+        "transformers>=5.24,<6",
         "accelerate>=1.0",
         "optimum>=2.0",
         "gguf>=0.10",
