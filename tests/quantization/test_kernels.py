@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import npu_emulator
 import pytest
 import torch
 
 import optimum_atb
 from optimum_atb.quantization import QuantLinear
 from optimum_atb.quantization.formats import dequantize, pack_int4, quantize_int4, quantize_int8, unpack_int4
-import npu_emulator
 
 # (bits, group_size): int8 per channel, int4 at two group sizes, int8 per group of 32 (GGUF Q8_0)
 FORMATS = [(8, None), (4, 32), (4, 64), (8, 32)]
