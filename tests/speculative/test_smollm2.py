@@ -29,7 +29,10 @@ def truncated_copy(model, layers: int = 6):
 
 SOURCES = {
     # a fixed draft length: the adaptive policy may rightly switch a weak truncated draft off
-    "truncated": lambda m: {"assistant_model": truncated_copy(m), "num_assistant_tokens_schedule": "constant"},
+    "truncated": lambda m: {
+        "assistant_model": truncated_copy(m),
+        "num_assistant_tokens_schedule": "constant",
+    },
     "int4_self": lambda m: {"assistant_model": optimum_atb.draft_from(m, quantize="int4")},
     "ngram": lambda m: {"prompt_lookup_num_tokens": 8, "num_assistant_tokens_schedule": "constant"},
 }
