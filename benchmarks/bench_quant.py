@@ -63,25 +63,13 @@ def child(config: str, batches: list[int], new_tokens: int, repeats: int) -> Non
     print(json.dumps(result))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 1, 16 new tokens, 1 repeat")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    batches, new_tokens, repeats = ([1], 16, 1) if args.quick else ([1, 8], 128, 3)
-    if args.child:
-        child(args.child, batches, new_tokens, repeats)
-        return
-    threads = setup()
+def measure(quick: bool, configs: list[str]) -> list[Row]:
+    """Each configuration in its own child process; rows against stock fp32 and stock bf16."""
     results = {}
-    for config in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--child", config] + (["--quick"] if args.quick else [])
+    for config in configs:
+        cmd = [sys.executable, __file__, "--child", config] + (["--quick"] if quick else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[config] = json.loads(out.strip().splitlines()[-1])
-    print(
-        f"# bench_quant: {machine_description()} ({threads} threads), new tokens {new_tokens}, repeats {repeats}"
-    )
     rows = []
     for base in ("stock-fp32", "stock-bf16"):
         if base not in results:
@@ -106,6 +94,31 @@ def main() -> None:
             rows.append(
                 Row("peak RSS", config, base, results[base]["peak_rss_mib"], r["peak_rss_mib"], "MiB")
             )
+    return rows
+
+
+def run(suite: str = "quick", device: str = "cpu") -> list[Row]:
+    """The matrix entry point (``benchmarks/run_all.py``)."""
+    if device != "cpu":
+        raise SystemExit("bench_quant measures the CPU packed kernels only")
+    return measure(suite == "quick", list(CONFIGS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1, 16 new tokens, 1 repeat")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batches, new_tokens, repeats = ([1], 16, 1) if args.quick else ([1, 8], 128, 3)
+    if args.child:
+        child(args.child, batches, new_tokens, repeats)
+        return
+    threads = setup()
+    rows = measure(args.quick, args.configs.split(","))
+    print(
+        f"# bench_quant: {machine_description()} ({threads} threads), new tokens {new_tokens}, repeats {repeats}"
+    )
     print_rows(rows)
 
 

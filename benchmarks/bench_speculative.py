@@ -67,6 +67,21 @@ def bench_dtype(dtype, kinds, new_tokens, repeats, batch4: bool):
     return results
 
 
+def run(suite: str = "quick", device: str = "cpu", new_tokens: int | None = None) -> list[harness.Row]:
+    """The matrix entry point (``benchmarks/run_all.py``): quick = fp32, 48 tokens, 1 run; full = fp32
+    and bf16, 128 tokens, median of 3."""
+    if device != "cpu":
+        raise SystemExit("bench_speculative measures on the CPU only")
+    quick = suite == "quick"
+    new_tokens = new_tokens or (48 if quick else 128)
+    repeats = 1 if quick else 3
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    rows = []
+    for dtype in dtypes:
+        rows += bench_dtype(dtype, ["text", "chat"], new_tokens, repeats, batch4=dtype == torch.float32)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short smoke version (fp32, 48 tokens, 1 run)")
@@ -76,13 +91,11 @@ def main() -> None:
     threads = harness.setup(args.threads)
     quick = args.quick
     new_tokens = args.new_tokens or (48 if quick else 128)
-    repeats = 1 if quick else 3
-    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     print(f"# bench_speculative{' --quick (smoke test, not a result)' if quick else ''}")
-    print(f"{harness.machine_description()}; threads={threads}; new tokens={new_tokens}; repeats={repeats}\n")
-    rows = []
-    for dtype in dtypes:
-        rows += bench_dtype(dtype, ["text", "chat"], new_tokens, repeats, batch4=dtype == torch.float32)
+    print(
+        f"{harness.machine_description()}; threads={threads}; new tokens={new_tokens}; repeats={1 if quick else 3}\n"
+    )
+    rows = run("quick" if quick else "full", "cpu", new_tokens)
     print(
         "| benchmark | config | baseline | baseline tok/s | tok/s | ratio | acceptance | tokens/target fwd |"
     )
