@@ -209,15 +209,13 @@ def _stock_attention(self, plan: AttentionPlan, q, k, v, attention_mask, dropout
 def mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with one gate/up matmul (when fused) and a fused GLU."""
     plan: MLPPlan = self._atb
-    if not hasattr(self, "gate_up_proj"):  # quantized models keep gate and up as separate matmuls
+    if hasattr(self, "gate_up_proj"):
+        gate, up = self.gate_up_proj(x), None  # cat(gate, up), as the GLU ops take it
+    else:  # quantized models keep gate and up as separate matmuls
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if plan.glu is not None:
-            return self.down_proj(plan.glu(gate, up, **plan.glu_kwargs))
-        act = getattr(self, "act_fn", None) or self.activation_fn
-        return self.down_proj(act(gate) * up)
-    gate_up = self.gate_up_proj(x)
     if plan.glu is not None:
-        return self.down_proj(plan.glu(gate_up, **plan.glu_kwargs))
-    gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(plan.glu(gate, up, **plan.glu_kwargs))
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
     act = getattr(self, "act_fn", None) or self.activation_fn
     return self.down_proj(act(gate) * up)
