@@ -31,12 +31,14 @@ class _State:
     fuse: frozenset[str]
     backend: str
     quantize: str | None
+    prequantized: bool = False  # loaded quantized (load_gguf, AtbQuantConfig): keep its QuantLinears apart
     forwards: list[tuple[nn.Module, object]] = field(
         default_factory=list
     )  # (module, previous instance forward)
     fused: list[tuple[nn.Module, tuple[str, ...], str]] = field(default_factory=list)
     hooks: list = field(default_factory=list)
     attn_implementation: str | None = None  # the one to restore, when "attention" changed it
+    compiled: dict | None = None  # generation-config values to restore, when compile=True set them
 
 
 def _check_fuse(fuse: bool | Iterable[str]) -> frozenset[str]:
@@ -91,7 +93,7 @@ def _convert_layer(state: _State, spec, layer: nn.Module, config) -> None:
     attn, mlp = layer.self_attn, layer.mlp
     # Quantized models keep Q/K/V and gate/up as separate quantized matmuls: concatenating first would
     # quantize the shared-storage originals and the fused copy both.
-    concat = not spec.fused_in_checkpoint and state.quantize is None
+    concat = not spec.fused_in_checkpoint and state.quantize is None and not state.prequantized
     if "norm" in fuse:
         layer._atb = fused.DecoderPlan(fused.norm_eps(layer.input_layernorm), spec.norm_offset)
         _bind(state, layer, spec.decoder_forward)
@@ -155,13 +157,18 @@ def to_atb(
     fuse: bool | Iterable[str] = True,
     quantize: str | None = None,
     group_size: int | None = None,
+    include_lm_head: bool | None = None,
+    compile: bool = False,
 ) -> nn.Module:
     """Convert a LLaMA-family model in place to optimum-atb's fused modules and return it.
 
     ``fuse``: True (all), False, or a subset of ``FUSIONS``. ``backend``: ``"auto"`` (by device) or a
     backend name pinned for this model's ops (checked now: ``BackendUnavailableError``). ``quantize``:
     None, ``"int8"`` or ``"int4"`` weight-only (with ``group_size``; Q/K/V and gate/up then stay separate
-    quantized matmuls). A second call is a no-op.
+    quantized matmuls); ``include_lm_head`` (default: True for int8, False for int4, as measured in
+    docs/quantization.md) quantizes the output projection too. ``compile``: decode through a compiled
+    static-shape step (:mod:`optimum_atb.compiled_decode`; the first ``generate`` per batch size compiles
+    it). A second call is a no-op.
     Raises :class:`UnsupportedModelError` for other architectures, before changing anything.
     """
     if getattr(model, "_atb_state", None) is not None:
@@ -175,8 +182,17 @@ def to_atb(
     spec = spec_for(getattr(config, "model_type", None))
     layers = _decoder_layers(model, spec)
     _check_backend(model, backend)
+    if compile:
+        from . import compiled_decode
 
-    state = _State(fuse=fusions, backend=backend, quantize=quantize)
+        compiled_decode.check_compiler(next(model.parameters()).device)
+
+    from .quantization.apply import check_not_quantized, is_quantized_by_us
+
+    prequantized = is_quantized_by_us(model)
+    if quantize is not None:
+        check_not_quantized(model)
+    state = _State(fuse=fusions, backend=backend, quantize=quantize, prequantized=prequantized)
     with torch.no_grad():
         for layer in layers:
             _convert_layer(state, spec, layer, config)
@@ -189,7 +205,11 @@ def to_atb(
     if quantize is not None:
         from .quantization import quantize as quantize_model
 
-        quantize_model(model, bits=QUANTIZE_BITS[quantize], group_size=group_size)
+        quantize_model(
+            model, bits=QUANTIZE_BITS[quantize], group_size=group_size, include_lm_head=include_lm_head
+        )
+    if compile:
+        state.compiled = compiled_decode.enable(model)
     from . import speculative
 
     speculative.attach(model)
@@ -214,6 +234,10 @@ def revert(model: nn.Module) -> nn.Module:
     from .patches.weights import unfuse_linears
 
     speculative.detach(model)
+    if state.compiled is not None:
+        from . import compiled_decode
+
+        compiled_decode.disable(model, state.compiled)
     for module, previous in reversed(state.forwards):
         if previous is None:
             del module.forward

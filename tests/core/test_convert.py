@@ -195,12 +195,14 @@ def test_bf16_weights_convert():
 def test_quantize_hook_and_revert_refusal(monkeypatch):
     calls = []
 
-    def fake_quantize(model, bits, group_size):
-        calls.append((bits, group_size, hasattr(model.model.layers[0].self_attn, "qkv_proj")))
+    def fake_quantize(model, bits, group_size, include_lm_head):
+        calls.append(
+            (bits, group_size, include_lm_head, hasattr(model.model.layers[0].self_attn, "qkv_proj"))
+        )
 
     monkeypatch.setattr(optimum_atb.quantization, "quantize", fake_quantize)
     model = _stock().to_atb(quantize="int4", group_size=32)
-    assert calls == [(4, 32, False)]  # called once; quantized models keep Q/K/V as separate matmuls
+    assert calls == [(4, 32, None, False)]  # called once; quantized models keep Q/K/V as separate matmuls
     with pytest.raises(QuantizationError, match="revert"):
         optimum_atb.revert(model)
 
@@ -214,9 +216,22 @@ def test_to_atb_quantize_matches_quantized_stock(method, bits):
     reference = optimum_atb.quantize(_stock(), bits=bits, group_size=32 if bits == 4 else None)
     model = _stock().to_atb(quantize=method, group_size=32 if bits == 4 else None)
     quantized = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
-    assert len(quantized) == 2 * 7 and not any("qkv" in n or "gate_up" in n for n in quantized)
+    assert len(quantized) == 2 * 7 + 1 and not any("qkv" in n or "gate_up" in n for n in quantized)
     assert not any(type(m) is torch.nn.Linear for n, m in model.named_modules() if ".layers." in n)
     torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=2e-3)
+
+
+def test_to_atb_of_an_already_quantized_model_keeps_its_quantized_linears():
+    """A model loaded quantized (load_gguf, AtbQuantConfig) converts without concatenating Q/K/V."""
+    reference = optimum_atb.quantize(_stock(), bits=4, group_size=32)
+    model = optimum_atb.quantize(_stock(), bits=4, group_size=32).to_atb()
+    attn = model.model.layers[0].self_attn
+    assert not hasattr(attn, "qkv_proj") and not hasattr(model.model.layers[0].mlp, "gate_up_proj")
+    torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=2e-3)
+    quantized = optimum_atb.quantize(_stock(), bits=8)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantized.to_atb(quantize="int8")
+    assert getattr(quantized, "_atb_state", None) is None  # refused before anything changed
 
 
 def test_speculative_hooks(monkeypatch):

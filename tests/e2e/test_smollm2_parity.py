@@ -1,4 +1,5 @@
-"""SmolLM2-135M (fp32): greedy text after to_atb() and with attn_implementation="atb" equals stock."""
+"""SmolLM2-135M (fp32): greedy text after to_atb(), to_atb(compile=True) and with attn_implementation="atb"
+equals stock."""
 
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ def test_greedy_text_identical_to_stock(smollm2, smollm2_tokenizer):
     converted = copy.deepcopy(smollm2).to_atb()
     attn_only = copy.deepcopy(smollm2)
     attn_only.set_attn_implementation("atb")
+    compiled = copy.deepcopy(smollm2).to_atb(compile=True)
     expected = _greedy(smollm2, batch, smollm2_tokenizer)
     assert _greedy(converted, batch, smollm2_tokenizer) == expected
     assert _greedy(attn_only, batch, smollm2_tokenizer) == expected
+    assert _greedy(compiled, batch, smollm2_tokenizer) == expected
+    assert hasattr(compiled, "_compiled_call")  # decoded through the compiled static-shape step

@@ -1,0 +1,80 @@
+"""to_atb(compile=True): generate() decodes through a compiled static-shape step, with stock's tokens."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import optimum_atb
+from optimum_atb import BackendUnavailableError
+
+pytestmark = pytest.mark.slow  # each test compiles a decode step (10-30 s on 2 cores)
+
+
+def _stock():
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.15)
+    return model
+
+
+def _left_padded_batch():
+    ids = torch.randint(1, 96, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 4, 7)):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _greedy(model, inputs, new_tokens=12):
+    with torch.inference_mode():
+        return model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+
+
+def test_compiled_decode_gives_stock_tokens_and_reverts():
+    stock = _stock()
+    inputs = _left_padded_batch()
+    expected = _greedy(stock, inputs)
+    before = (stock.generation_config.cache_implementation, stock.generation_config.compile_config)
+
+    model = stock.to_atb(compile=True)
+    assert model.generation_config.cache_implementation == "static"
+    torch.testing.assert_close(_greedy(model, inputs), expected, rtol=0, atol=0)
+    assert hasattr(model, "_compiled_call")  # the decode steps really went through torch.compile
+    torch.testing.assert_close(_greedy(model, inputs), expected, rtol=0, atol=0)  # the compiled step, reused
+
+    optimum_atb.revert(model)
+    assert (model.generation_config.cache_implementation, model.generation_config.compile_config) == before
+    assert not hasattr(model, "_compiled_call")
+    torch.testing.assert_close(_greedy(model, inputs), expected, rtol=0, atol=0)
+
+
+def test_compiled_decode_of_a_quantized_model_matches_its_eager_decode():
+    inputs = _left_padded_batch()
+    eager = _stock().to_atb(quantize="int8")
+    compiled = _stock().to_atb(quantize="int8", compile=True)
+    torch.testing.assert_close(_greedy(compiled, inputs), _greedy(eager, inputs), rtol=0, atol=0)
+    assert hasattr(compiled, "_compiled_call")
+
+
+def test_missing_compiler_raises_before_converting(monkeypatch):
+    from torch._inductor import config
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(config.cpp, "cxx", (None, "g++"))
+    model = _stock()
+    with pytest.raises(BackendUnavailableError, match="C\\+\\+ compiler"):
+        model.to_atb(compile=True)
+    assert getattr(model, "_atb_state", None) is None
+    assert model.generation_config.cache_implementation is None
