@@ -16,6 +16,7 @@ from optimum_atb.kernels.dispatch import register
 from optimum_atb.quantization.formats import dequantize, unpack_int4
 
 _KERNEL_DTYPE = torch.bfloat16
+_ALIGN = 64  # bytes
 
 
 def _packed_kernel_reason(qweight, bits, group_size, device) -> str | None:
@@ -44,7 +45,11 @@ def prepare(*, qweight, scale, zero, bits, group_size) -> dict:
         )
         return {"kind": "dequant", "args": (qweight, scale, zero, bits, group_size)}
     if bits == 8:
-        return {"kind": "int8", "weight": qweight, "scale": scale.to(_KERNEL_DTYPE)}
+        # _weight_int8pack_mm reads the weight with aligned vector loads for 16+ rows of activations and
+        # crashes (segfault, torch 2.13) on a weight that is not 64-byte aligned, as buffers loaded from a
+        # safetensors file can be: such a weight is copied once into fresh (aligned) memory.
+        weight = qweight if qweight.data_ptr() % _ALIGN == 0 else qweight.clone()
+        return {"kind": "int8", "weight": weight, "scale": scale.to(_KERNEL_DTYPE)}
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(qweight), 1)
     # [K/g, N, 2] scale-and-zero; the kernel computes (q - 8) * scale + zero
     scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(_KERNEL_DTYPE).contiguous()

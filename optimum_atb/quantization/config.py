@@ -35,7 +35,8 @@ class AtbQuantConfig(QuantizationConfigMixin):
     Args:
         bits: 8 (int8 per output channel, symmetric) or 4 (int4 group-wise, asymmetric).
         group_size: int4 group size over input features: 32 (default), 64, 128 or 256. None for int8.
-        include_lm_head: also quantize the output projection (default False: it stays in float).
+        include_lm_head: also quantize the output projection, to int8 per channel whatever ``bits`` is
+            (default False at load time: it stays in float; a tied one cannot be quantized at load).
         modules_to_not_convert: names (or name suffixes) of linear layers left in float.
     """
 

@@ -16,7 +16,8 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from .apply import check_group_divides, linears_to_quantize, replace_module
+from ..errors import QuantizationError
+from .apply import check_group_divides, head_is_tied, layer_format, linears_to_quantize, replace_module
 from .config import QUANT_METHOD, AtbQuantConfig
 from .linear import QuantLinear, quantize_weight
 
@@ -54,11 +55,18 @@ class AtbHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
         layers = linears_to_quantize(model, cfg.include_lm_head, cfg.modules_to_not_convert)
-        check_group_divides(layers, cfg.bits, cfg.group_size)
+        if cfg.include_lm_head and not self.pre_quantized and head_is_tied(model):
+            raise QuantizationError(
+                "include_lm_head=True at load time needs an untied output projection; this model ties it to "
+                "the input embeddings. Load it in float and call optimum_atb.quantize(model, bits=..., "
+                "include_lm_head=True), or model.to_atb(quantize=...)."
+            )
+        check_group_divides(model, layers, cfg.bits, cfg.group_size)
         for name, layer in layers:
+            bits, group_size = layer_format(model, layer, cfg.bits, cfg.group_size)
             with torch.device("meta"):
                 qlayer = QuantLinear(
-                    layer.in_features, layer.out_features, cfg.bits, cfg.group_size,
+                    layer.in_features, layer.out_features, bits, group_size,
                     bias=layer.bias is not None, dtype=layer.weight.dtype,
                 )  # fmt: skip
             replace_module(model, name, qlayer)
@@ -82,6 +90,11 @@ class AtbHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+    @property
+    def is_compileable(self) -> bool:
+        """QuantLinear's kernels trace under torch.compile (``to_atb(compile=True)``)."""
+        return True
 
 
 def attach_config(

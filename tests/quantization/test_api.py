@@ -33,7 +33,7 @@ def saved_float(tmp_path):
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
-def test_quantize_replaces_decoder_linears_and_keeps_lm_head(bits, group):
+def test_quantize_replaces_decoder_linears_and_lm_head_in_int8(bits, group):
     model = _tiny()
     ids = torch.randint(0, 128, (2, 12))
     ref = _logits(model, ids)
@@ -41,15 +41,54 @@ def test_quantize_replaces_decoder_linears_and_keeps_lm_head(bits, group):
     layer = model.model.layers[0]
     for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj):
         assert isinstance(proj, QuantLinear) and proj.bits == bits
-    assert type(model.lm_head) is torch.nn.Linear
+    assert isinstance(model.lm_head, QuantLinear) and (model.lm_head.bits, model.lm_head.group_size) == (
+        8,
+        None,
+    )
     assert model.config.quantization_config.bits == bits
+    assert model.config.quantization_config.include_lm_head
     out = _logits(model, ids)
     assert (out - ref).abs().max() < (0.05 if bits == 8 else 0.25) * ref.abs().max()
 
 
-def test_quantize_lm_head_on_request():
-    model = optimum_atb.quantize(_tiny(), bits=8, include_lm_head=True)
-    assert isinstance(model.lm_head, QuantLinear)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lm_head_left_in_float_on_request(bits):
+    model = optimum_atb.quantize(_tiny(), bits=bits, include_lm_head=False)
+    assert type(model.lm_head) is torch.nn.Linear
+
+
+def test_int4_with_int8_head_roundtrips_through_load_time_quantization(saved_float, tmp_path):
+    model, path = saved_float
+    ids = torch.randint(0, 128, (2, 10))
+    expected = _logits(optimum_atb.quantize(model, bits=4, group_size=32), ids)
+    config = AtbQuantConfig(bits=4, group_size=32, include_lm_head=True)
+    loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
+    assert (loaded.lm_head.bits, loaded.model.layers[0].mlp.up_proj.bits) == (8, 4)
+    torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=0)
+
+
+def test_quantized_tied_head_is_untied_and_roundtrips(tmp_path):
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG, tie_word_embeddings=True)).eval()
+    embed = model.model.embed_tokens.weight.detach().clone()
+    optimum_atb.quantize(model, bits=8)
+    assert isinstance(model.lm_head, QuantLinear) and not model.config.tie_word_embeddings
+    assert torch.equal(model.model.embed_tokens.weight, embed)  # input embeddings stay in float
+    ids = torch.randint(0, 128, (2, 9))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded.lm_head, QuantLinear)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), rtol=0, atol=0)
+
+
+def test_load_time_head_quantization_of_a_tied_model_raises(tmp_path):
+    LlamaForCausalLM(LlamaConfig(**CONFIG, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    with pytest.raises(QuantizationError, match="ties it to the input embeddings"):
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=AtbQuantConfig(8, include_lm_head=True)
+        )
 
 
 @pytest.mark.parametrize(
@@ -83,7 +122,7 @@ def test_config_rejects_bad_bits():
 def test_from_pretrained_quantizes_at_load_like_quantize(saved_float, bits, tmp_path):
     model, path = saved_float
     ids = torch.randint(0, 128, (2, 10))
-    expected = _logits(optimum_atb.quantize(model, bits=bits), ids)
+    expected = _logits(optimum_atb.quantize(model, bits=bits, include_lm_head=False), ids)  # config default
     loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=AtbQuantConfig(bits=bits)).eval()
     assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantLinear)
     assert loaded.model.layers[1].mlp.up_proj.weight.dtype == (torch.int8 if bits == 8 else torch.uint8)

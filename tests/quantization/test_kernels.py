@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import optimum_atb
+from optimum_atb.kernels.dispatch import get_kernel
 from optimum_atb.quantization import QuantLinear
 from optimum_atb.quantization.formats import dequantize, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
@@ -76,6 +77,22 @@ def test_torch_backend_uses_packed_kernels_for_supported_shapes():
         with optimum_atb.use_backend("torch"):
             layer(torch.randn(1, 128))
         assert layer._prepared["torch"]["kind"] == kind
+
+
+def test_torch_int8_kernel_takes_a_misaligned_weight():
+    """Buffers loaded from safetensors need not be 64-byte aligned; the packed int8 kernel crashed on them."""
+    qweight, scale = quantize_int8(torch.randn(48, 64))
+    storage = torch.empty(qweight.numel() + 8, dtype=torch.int8)
+    misaligned = storage[8:].view(48, 64)
+    misaligned.copy_(qweight)
+    assert misaligned.data_ptr() % 64 != 0
+    x = torch.randn(20, 64)  # 16+ rows: the kernel's vectorised path
+    state = get_kernel("weight_quant_prepare", "torch")(
+        qweight=misaligned, scale=scale, zero=None, bits=8, group_size=None
+    )
+    out = get_kernel("weight_quant_matmul", "torch")(x=x, state=state, bias=None)
+    expected = x.double() @ dequantize(qweight, scale, None, 8, None, torch.float64).t()
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 def test_torch_backend_falls_back_with_warning_for_odd_shapes():
