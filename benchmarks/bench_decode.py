@@ -1,4 +1,5 @@
-"""Decode speed: stock transformers (sdpa) vs ``model.to_atb()`` on SmolLM2-135M, in one run.
+"""Decode speed: stock transformers (sdpa) vs ``model.to_atb()`` and ``model.to_atb(compile=True)`` on
+SmolLM2-135M, in one run.
 
 Decode tokens/s excludes the prefill: ``(new_tokens - 1) * batch / (t(new_tokens) - t(1))``, each time
 the median of ``--repeats`` greedy runs with EOS disabled (see benchmarks/harness.py).
@@ -36,28 +37,38 @@ def decode_rate(model, inputs: dict, new_tokens: int, repeats: int) -> float:
 def measure(
     dtypes: list[str], batches: list[int], prompt_len: int, new_tokens: int, repeats: int
 ) -> list[harness.Row]:
-    """Stock sdpa vs to_atb() for every dtype x batch, side by side in this process."""
+    """Stock sdpa vs to_atb() and to_atb(compile=True) for every dtype x batch, side by side in this
+    process (the compiled step is compiled in the warm-up run, which is not timed)."""
     rows = []
     for dtype_name in dtypes:
         stock, tok = harness.load_smollm2(getattr(torch, dtype_name))
         stock.set_attn_implementation("sdpa")
-        atb = copy.deepcopy(stock).to_atb()
+        variants = {
+            "to_atb": copy.deepcopy(stock).to_atb(),
+            "to_atb(compile=True)": copy.deepcopy(stock).to_atb(compile=True),
+        }
         for batch in batches:
             inputs = harness.make_inputs(tok, batch, prompt_len=prompt_len)
             base = decode_rate(stock, inputs, new_tokens, repeats)
-            value = decode_rate(atb, inputs, new_tokens, repeats)
-            rows.append(
-                harness.Row(
-                    benchmark="decode",
-                    config=f"to_atb {dtype_name} batch {batch}",
-                    baseline="stock sdpa",
-                    baseline_value=base,
-                    value=value,
-                    extra={"ms_per_step_stock": 1000 * batch / base, "ms_per_step_atb": 1000 * batch / value},
+            line = f"{dtype_name} batch {batch}: stock {base:.1f} tok/s"
+            for name, model in variants.items():
+                value = decode_rate(model, inputs, new_tokens, repeats)
+                rows.append(
+                    harness.Row(
+                        benchmark="decode",
+                        config=f"{name} {dtype_name} batch {batch}",
+                        baseline="stock sdpa",
+                        baseline_value=base,
+                        value=value,
+                        extra={
+                            "ms_per_step_stock": 1000 * batch / base,
+                            "ms_per_step_atb": 1000 * batch / value,
+                        },
+                    )
                 )
-            )
-            print(f"{dtype_name} batch {batch}: stock {base:.1f} tok/s, to_atb {value:.1f} tok/s", flush=True)
-        del stock, atb
+                line += f", {name} {value:.1f} tok/s"
+            print(line, flush=True)
+        del stock, variants
     return rows
 
 

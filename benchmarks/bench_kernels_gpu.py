@@ -143,30 +143,60 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default="bench_kernels_gpu.json", help="where to write the JSON results")
-    parser.add_argument("--quick", action="store_true", help="quarter-size shapes (a smoke run)")
-    args = parser.parse_args(argv)
+def measure(quick: bool) -> dict:
+    """Check, then time, every case; the results dict that `markdown` and the JSON file take."""
     if not torch.cuda.is_available():
         sys.exit("bench_kernels_gpu.py needs a CUDA GPU (none is visible); nothing was measured.")
     import triton
 
     prefill, decode = dict(PREFILL), dict(DECODE)
-    if args.quick:
+    if quick:
         prefill.update(seqlen=512)
         decode.update(batch=16, context=1024)
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
     rows = [bench_prefill(**prefill)]
     rows += [bench_decode(**decode, block_size=bs, copy_gbs=copy_gbs) for bs in (16, 128)]
-    results = {
+    return {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "copy_gbs": copy_gbs,
         "rows": rows,
     }
+
+
+def run(suite: str = "quick", device: str = "cuda") -> list:
+    """The matrix entry point (``benchmarks/run_all.py``): one row per case, triton against its baseline,
+    in TFLOP/s (prefill) or GB/s (paged decode)."""
+    if device != "cuda":
+        raise SystemExit("bench_kernels_gpu measures the Triton kernels on a CUDA GPU (--device cuda)")
+    from harness import Row
+
+    results = measure(quick=suite == "quick")
+    out = []
+    for r in results["rows"]:
+        unit = "tflops" if "triton_tflops" in r else "gbs"
+        out.append(
+            Row(
+                benchmark="kernels-gpu",
+                config=f"triton {r['case']}",
+                baseline=r["baseline"],
+                baseline_value=r[f"baseline_{unit}"],
+                value=r[f"triton_{unit}"],
+                unit="TFLOP/s" if unit == "tflops" else "GB/s",
+                extra={"gpu": results["gpu"], "max_abs_diff": r["max_abs_diff"]},
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default="bench_kernels_gpu.json", help="where to write the JSON results")
+    parser.add_argument("--quick", action="store_true", help="quarter-size shapes (a smoke run)")
+    args = parser.parse_args(argv)
+    results = measure(args.quick)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
     print(markdown(results))

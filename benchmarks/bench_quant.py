@@ -21,7 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from harness import Row, load_smollm2, machine_description, make_inputs, print_rows, setup, time_generate  # noqa: E402
 
-CONFIGS = ("stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1")
+CONFIGS = (
+    "stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1", "int8+compile", "int4+compile", "gguf-q4_1+compile"
+)  # fmt: skip
 
 
 def weight_bytes(model) -> int:
@@ -34,18 +36,38 @@ def weight_bytes(model) -> int:
     return total
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. /proc's VmHWM belongs to the current address space; getrusage's
+    ru_maxrss survives fork + exec and so reports the parent's size when a big parent (the bench matrix)
+    starts this child."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def build(config: str):
+    """`config` is a name of CONFIGS: "+compile" means ``to_atb(compile=True)`` (fused modules and a
+    compiled decode step); without it the quantized layers run in the stock modules, eagerly."""
     import optimum_atb
 
-    if config == "gguf-q4_1":
+    name, compiled = config.removesuffix("+compile"), config.endswith("+compile")
+    if name == "gguf-q4_1":
         from harness import GGUF_FILE, smollm2_dir
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
-        return optimum_atb.load_gguf(smollm2_dir(), GGUF_FILE), tok
-    model, tok = load_smollm2(torch.bfloat16 if config == "stock-bf16" else torch.float32)
-    if config in ("int8", "int4"):
-        optimum_atb.quantize(model, bits=8 if config == "int8" else 4)
+        model = optimum_atb.load_gguf(smollm2_dir(), GGUF_FILE)
+        return (model.to_atb(compile=True) if compiled else model), tok
+    model, tok = load_smollm2(torch.bfloat16 if name == "stock-bf16" else torch.float32)
+    if compiled:
+        model.to_atb(quantize=name, compile=True)
+    elif name in ("int8", "int4"):
+        optimum_atb.quantize(model, bits=8 if name == "int8" else 4)
     return model, tok
 
 
@@ -59,7 +81,7 @@ def child(config: str, batches: list[int], new_tokens: int, repeats: int) -> Non
         result["tokens_per_s"][str(batch)] = time_generate(
             model, inputs, new_tokens, repeats=repeats
         ).tokens_per_s
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
 
 

@@ -28,7 +28,7 @@ def plot_throughput(rows: list[dict], path: Path, plt) -> Path | None:
     rows = [r for r in rows if r["unit"] == "tokens/s" and "context_len" not in r.get("extra", {})]
     if not rows:
         return None
-    labels = [f"{r['benchmark']}: {r['config']}" for r in rows]
+    labels = [f"{r['benchmark']}: {r['config']} (vs {r['baseline']})" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.55 * len(rows) + 1.5))
     y = range(len(rows))
     ax.barh(

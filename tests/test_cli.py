@@ -95,6 +95,91 @@ def test_missing_inputs_one_line(args, needle, capsys):
     assert needle in err
 
 
+def test_stock_with_compile_is_a_usage_error(capsys):
+    assert main(["generate", "--prompt", "hi", "--stock", "--compile"]) == 2
+    assert "drop --stock or --compile" in _one_line_error(capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A random 2-layer Llama with the embedded model's tokenizer, saved as a model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"], ["--chat", "--stream"]])
+def test_generate_prints_stock_greedy_text(tiny_model_dir, extra, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "The capital of France is"
+    assert (
+        main(
+            ["generate", "--model", str(tiny_model_dir), "--prompt", prompt, "--max-new-tokens", "8", *extra]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    if "--quantize" in extra:
+        optimum_atb.quantize(model, bits=8)
+    if "--chat" in extra:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        ids = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert out.strip() == expected.strip()
+    assert "tokens/s" in err and "with to_atb()" in err
+
+
+def test_every_benchmark_script_has_the_matrix_entry_point():
+    """`optimum-atb bench` runs each benchmarks/bench_*.py through run(suite, device)."""
+    import inspect
+
+    for path in sorted(BENCHMARKS.glob("bench_*.py")):
+        spec = importlib.util.spec_from_file_location(f"_contract_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(BENCHMARKS))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(BENCHMARKS))
+        assert hasattr(module, "run"), path.name
+        assert list(inspect.signature(module.run).parameters)[:2] == ["suite", "device"], path.name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_kernel_benchmark_skips_on_cpu():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "_bench_kernels_gpu", BENCHMARKS / "bench_kernels_gpu.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        module.run("quick", "cpu")
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        module.run("quick", "cuda")
+
+
 def test_folder_without_config(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
     assert "has no config.json" in _one_line_error(capsys.readouterr().err)
@@ -300,8 +385,12 @@ def test_demo_quick():
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| configuration | tokens/s | speedup |")
     rows = {cells[0]: cells[1:] for cells in (line.strip("| ").split(" | ") for line in table[1:])}
-    assert list(rows) == ["stock transformers", "to_atb()", "to_atb() + int4 self-draft"]
+    fast = 'to_atb(quantize="int8", compile=True)'
+    assert list(rows) == ["stock transformers", "to_atb()", "to_atb() + int4 self-draft", fast]
     assert rows["stock transformers"][1] == "1.00x" and rows["stock transformers"][4] == "reference"
-    for name in ("to_atb()", "to_atb() + int4 self-draft"):
+    for name in ("to_atb()", "to_atb() + int4 self-draft", fast):
         assert float(rows[name][0]) > 0, rows[name]
+    for name in ("to_atb()", "to_atb() + int4 self-draft"):
         assert rows[name][4] == "yes", rows[name]  # greedy tokens identical to stock
+    assert rows[fast][4] in ("yes", "no (0/1 prompts)")  # int8 is lossy: reported, not required
+    assert float(rows[fast][3]) < float(rows["stock transformers"][3])  # int8 weights: fewer bytes

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_positive, default=64)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--stock", action="store_true", help="stock transformers: no to_atb() (for comparison)")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="to_atb(compile=True): decode through a compiled step (compiles first, ~20-30 s on a small CPU)",
+    )
 
     bench = sub.add_parser("bench", help="the benchmark matrix (source checkout only)")
     bench.add_argument("--suite", choices=("quick", "full"), default="quick")

@@ -32,12 +32,13 @@ def prepare_draft(model, draft: str | None, dtype: str) -> dict:
     return {"assistant_model": assistant}
 
 
-def convert(model, stock: bool, quantize: str | None):
-    """Apply the plugin (`to_atb`, with weight quantization) or, with `stock`, only the quantization."""
+def convert(model, stock: bool, quantize: str | None, compile: bool = False):
+    """Apply the plugin (`to_atb`, with weight quantization and the compiled decode step) or, with
+    `stock`, only the quantization."""
     import optimum_atb
 
     if not stock:
-        return model.to_atb(quantize=quantize)
+        return model.to_atb(quantize=quantize, compile=compile)
     if quantize is not None:
         optimum_atb.quantize(model, bits=int(quantize[3:]))
     return model
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     """Load, convert, generate greedily and print the answer (timing on stderr)."""
     from transformers import TextStreamer
 
+    if args.stock and args.compile:
+        raise UsageError("--compile applies to the plugin's path (to_atb); drop --stock or --compile")
     if args.draft not in (None, "int4", "ngram"):  # a bad draft fails before the target is loaded
         if not os.path.exists(args.draft):
             raise UsageError(
@@ -55,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         resolve_source(args.draft, None)
     model, tokenizer, _ = load_model(args.model, args.gguf, args.dtype)
     gen_kwargs = prepare_draft(model, args.draft, args.dtype)
-    model = convert(model, args.stock, args.quantize)
+    model = convert(model, args.stock, args.quantize, args.compile)
+    if args.compile:
+        say("compiling the decode step on the first generate (about 20-30 s on a 2-core CPU) ...")
     inputs = chat_inputs(tokenizer, args.prompt, args.chat)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
     t0 = time.perf_counter()
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(tokenizer.decode(new, skip_special_tokens=True))
     path = "stock transformers" if args.stock else "to_atb()"
     extras = [f"quantize={args.quantize}"] * bool(args.quantize) + [f"draft={args.draft}"] * bool(args.draft)
+    extras += ["compile (time includes compiling)"] * bool(args.compile)
     say(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s, prefill included) "
         f"with {path}{' ' + ' '.join(extras) if extras else ''}")  # fmt: skip
     stats = getattr(model, "atb_speculative_stats", None)  # set by the plugin's speculative decoder
