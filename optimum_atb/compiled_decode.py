@@ -31,10 +31,8 @@ def check_compiler(device: torch.device) -> None:
         return
     from torch._inductor import config
 
-    cxx = config.cpp.cxx[0] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
-    if cxx is None:
-        cxx = "g++"
-    if shutil.which(cxx) is None and not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+    configured = config.cpp.cxx[0] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+    if not any(shutil.which(c) for c in (configured, "g++", "clang++", "c++") if c):
         raise BackendUnavailableError(
             "to_atb(compile=True) needs a C++ compiler on CPU (torch.compile's inductor builds C++): "
             "install g++ (apt install g++) or use to_atb() without compile."

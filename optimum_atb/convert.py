@@ -165,8 +165,8 @@ def to_atb(
     ``fuse``: True (all), False, or a subset of ``FUSIONS``. ``backend``: ``"auto"`` (by device) or a
     backend name pinned for this model's ops (checked now: ``BackendUnavailableError``). ``quantize``:
     None, ``"int8"`` or ``"int4"`` weight-only (with ``group_size``; Q/K/V and gate/up then stay separate
-    quantized matmuls); ``include_lm_head`` (default: True for int8, False for int4, as measured in
-    docs/quantization.md) quantizes the output projection too. ``compile``: decode through a compiled
+    quantized matmuls); ``include_lm_head`` (None: quantize()'s default, True) quantizes the output
+    projection too, always to int8 (docs/quantization.md). ``compile``: decode through a compiled
     static-shape step (:mod:`optimum_atb.compiled_decode`; the first ``generate`` per batch size compiles
     it). A second call is a no-op.
     Raises :class:`UnsupportedModelError` for other architectures, before changing anything.

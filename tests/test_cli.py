@@ -147,33 +147,19 @@ def test_generate_prints_stock_greedy_text(tiny_model_dir, extra, capsys):
     assert "tokens/s" in err and "with to_atb()" in err
 
 
-def test_every_benchmark_script_has_the_matrix_entry_point():
+def test_every_benchmark_script_has_the_matrix_entry_point(run_all):
     """`optimum-atb bench` runs each benchmarks/bench_*.py through run(suite, device)."""
     import inspect
 
-    for path in sorted(BENCHMARKS.glob("bench_*.py")):
-        spec = importlib.util.spec_from_file_location(f"_contract_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(BENCHMARKS))
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(BENCHMARKS))
+    for path in run_all.discover():
+        module = run_all._load(path)
         assert hasattr(module, "run"), path.name
         assert list(inspect.signature(module.run).parameters)[:2] == ["suite", "device"], path.name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_gpu_kernel_benchmark_skips_on_cpu():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "_bench_kernels_gpu", BENCHMARKS / "bench_kernels_gpu.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def test_gpu_kernel_benchmark_skips_on_cpu(run_all):
+    module = run_all._load(BENCHMARKS / "bench_kernels_gpu.py")
     with pytest.raises(SystemExit, match="CUDA GPU"):
         module.run("quick", "cpu")
     with pytest.raises(SystemExit, match="CUDA GPU"):

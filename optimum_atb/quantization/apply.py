@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -28,41 +30,46 @@ def check_not_quantized(model: nn.Module) -> None:
         )
 
 
-def linears_to_quantize(
-    model: nn.Module, include_lm_head: bool = False, skip: list[str] | tuple[str, ...] = ()
-) -> list[tuple[str, nn.Linear]]:
-    """(name, module) of every `nn.Linear` that quantization replaces, in module order."""
-    head = (
-        None
-        if include_lm_head or not hasattr(model, "get_output_embeddings")
-        else model.get_output_embeddings()
-    )
-    chosen = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear or module is head:
-            continue
-        if any(name == s or name.endswith("." + s) for s in skip):
-            continue
-        chosen.append((name, module))
-    return chosen
-
-
 HEAD_BITS = 8  # int4 on SmolLM2's output projection costs +8.7% perplexity, int8 +0.1% (docs/quantization.md)
 
 
-def layer_format(
-    model: nn.Module, layer: nn.Module, bits: int, group_size: int | None
-) -> tuple[int, int | None]:
-    """(bits, group_size) for one layer: the output projection is always int8 per channel."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return (HEAD_BITS, None) if layer is head else (bits, group_size)
+class QuantTarget(NamedTuple):
+    """One `nn.Linear` to replace, and the format it gets."""
+
+    name: str
+    layer: nn.Linear
+    bits: int
+    group_size: int | None
 
 
-def check_group_divides(
-    model: nn.Module, layers: list[tuple[str, nn.Linear]], bits: int, group_size: int | None
-) -> None:
-    for name, layer in layers:
-        if layer_format(model, layer, bits, group_size)[0] == 4 and layer.in_features % group_size:
+def output_projection(model: nn.Module) -> nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def linears_to_quantize(
+    model: nn.Module,
+    bits: int,
+    group_size: int | None,
+    include_lm_head: bool = False,
+    skip: list[str] | tuple[str, ...] = (),
+) -> list[QuantTarget]:
+    """Every `nn.Linear` that quantization replaces, in module order, with its format: (`bits`,
+    `group_size`), except the output projection, which is always int8 per channel."""
+    head = output_projection(model)
+    chosen = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or (module is head and not include_lm_head):
+            continue
+        if any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        fmt = (HEAD_BITS, None) if module is head else (bits, group_size)
+        chosen.append(QuantTarget(name, module, *fmt))
+    return chosen
+
+
+def check_group_divides(targets: list[QuantTarget]) -> None:
+    for name, layer, bits, group_size in targets:
+        if bits == 4 and layer.in_features % group_size:
             raise QuantizationError(
                 f"group_size={group_size} does not divide in_features={layer.in_features} of '{name}'; "
                 "choose a group size that divides it, or skip that layer (modules_to_not_convert)."
@@ -114,18 +121,14 @@ def quantize(
     if include_lm_head is None:
         include_lm_head = True
     skip = list(modules_to_not_convert or [])
-    layers = linears_to_quantize(model, include_lm_head, skip)
-    if not layers:
+    targets = linears_to_quantize(model, bits, group_size, include_lm_head, skip)
+    if not targets:
         raise QuantizationError("the model has no nn.Linear layer to quantize.")
-    check_group_divides(model, layers, bits, group_size)
-    head = (
-        model.get_output_embeddings() if include_lm_head and hasattr(model, "get_output_embeddings") else None
-    )
-    untie = head is not None and head_is_tied(model) and any(layer is head for _, layer in layers)
-    for name, layer in layers:
-        replace_module(
-            model, name, QuantLinear.from_linear(layer, *layer_format(model, layer, bits, group_size))
-        )
+    check_group_divides(targets)
+    head = output_projection(model)
+    untie = head_is_tied(model) and any(t.layer is head for t in targets)
+    for name, layer, layer_bits, layer_group in targets:
+        replace_module(model, name, QuantLinear.from_linear(layer, layer_bits, layer_group))
     if untie:
         untie_output_embeddings(model)
     attach_config(model, bits, group_size, include_lm_head, skip)

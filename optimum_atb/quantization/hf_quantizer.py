@@ -17,7 +17,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..errors import QuantizationError
-from .apply import check_group_divides, head_is_tied, layer_format, linears_to_quantize, replace_module
+from .apply import check_group_divides, head_is_tied, linears_to_quantize, replace_module
 from .config import QUANT_METHOD, AtbQuantConfig
 from .linear import QuantLinear, quantize_weight
 
@@ -54,16 +54,17 @@ class AtbHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
-        layers = linears_to_quantize(model, cfg.include_lm_head, cfg.modules_to_not_convert)
+        targets = linears_to_quantize(
+            model, cfg.bits, cfg.group_size, cfg.include_lm_head, cfg.modules_to_not_convert
+        )
         if cfg.include_lm_head and not self.pre_quantized and head_is_tied(model):
             raise QuantizationError(
                 "include_lm_head=True at load time needs an untied output projection; this model ties it to "
                 "the input embeddings. Load it in float and call optimum_atb.quantize(model, bits=..., "
                 "include_lm_head=True), or model.to_atb(quantize=...)."
             )
-        check_group_divides(model, layers, cfg.bits, cfg.group_size)
-        for name, layer in layers:
-            bits, group_size = layer_format(model, layer, cfg.bits, cfg.group_size)
+        check_group_divides(targets)
+        for name, layer, bits, group_size in targets:
             with torch.device("meta"):
                 qlayer = QuantLinear(
                     layer.in_features, layer.out_features, bits, group_size,
