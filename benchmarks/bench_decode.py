@@ -1,8 +1,8 @@
 """Decode speed: stock transformers (sdpa) vs ``model.to_atb()`` and ``model.to_atb(compile=True)`` on
 SmolLM2-135M, in one run.
 
-Decode tokens/s excludes the prefill: ``(new_tokens - 1) * batch / (t(new_tokens) - t(1))``, each time
-the median of ``--repeats`` greedy runs with EOS disabled (see benchmarks/harness.py).
+Decode tokens/s excludes the prefill: every step is time-stamped and the rate runs from the first new
+token to the last, the median of ``--repeats`` greedy runs with EOS disabled (see benchmarks/harness.py).
 
     python benchmarks/bench_decode.py                 # fp32 and bf16, batch 1 and 8
     python benchmarks/bench_decode.py --quick         # short version for a shared machine
@@ -26,14 +26,6 @@ import optimum_atb  # noqa: E402, F401  (attaches to_atb)
 SUITE = {"quick": (32, 1), "full": (128, 3)}  # new tokens, repeats
 
 
-def decode_rate(model, inputs: dict, new_tokens: int, repeats: int) -> float:
-    """Decode tokens/s over all rows, prefill excluded."""
-    full = harness.time_generate(model, inputs, new_tokens, repeats=repeats)
-    prefill = harness.time_generate(model, inputs, 1, repeats=repeats)
-    batch = inputs["input_ids"].shape[0]
-    return (new_tokens - 1) * batch / max(full.seconds - prefill.seconds, 1e-9)
-
-
 def measure(
     dtypes: list[str], batches: list[int], prompt_len: int, new_tokens: int, repeats: int
 ) -> list[harness.Row]:
@@ -49,10 +41,10 @@ def measure(
         }
         for batch in batches:
             inputs = harness.make_inputs(tok, batch, prompt_len=prompt_len)
-            base = decode_rate(stock, inputs, new_tokens, repeats)
+            base = harness.decode_rate(stock, inputs, new_tokens, repeats)
             line = f"{dtype_name} batch {batch}: stock {base:.1f} tok/s"
             for name, model in variants.items():
-                value = decode_rate(model, inputs, new_tokens, repeats)
+                value = harness.decode_rate(model, inputs, new_tokens, repeats)
                 rows.append(
                     harness.Row(
                         benchmark="decode",

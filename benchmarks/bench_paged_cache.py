@@ -7,7 +7,7 @@
    allocated <= the real tokens' bytes + one block per sequence.
 2. Decode tokens/s, prompt 1,500 tokens, 256 new, batch 4: stock DynamicCache and StaticCache against
    ``to_atb()`` + PagedCache (and ``to_atb()`` + DynamicCache, to separate the cache from the other fusions).
-   Decode speed = new tokens after the first / (time(N new) - time(1 new)), so prefill is excluded.
+   Decode speed runs from the first new token to the last (each step time-stamped), so prefill is excluded.
 
 ``--quick`` runs a reduced version (lengths / 4, prompt 256, 16 new tokens, batch 2) for shared machines.
 """
@@ -83,9 +83,7 @@ def decode_speed(model, tok, batch: int, prompt_len: int, new_tokens: int, repea
     }
     speed, kv = {}, {}
     for name, (m, kwargs) in configs.items():
-        one = harness.time_generate(m, inputs, 1, repeats=repeats, **kwargs)
-        full = harness.time_generate(m, inputs, new_tokens, repeats=repeats, **kwargs)
-        speed[name] = batch * (new_tokens - 1) / max(full.seconds - one.seconds, 1e-9)
+        speed[name] = harness.decode_rate(m, inputs, new_tokens, repeats, **kwargs)
         with torch.inference_mode():
             out = m.generate(
                 **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

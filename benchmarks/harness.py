@@ -138,6 +138,43 @@ def time_generate(model, inputs: dict, max_new_tokens: int, repeats: int = 3, **
     return time_call(once, repeats=repeats)
 
 
+class _StepClock:
+    """A stopping criterion that never stops: it stamps the time each new token is decided."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_rate(model, inputs: dict, new_tokens: int, repeats: int = 3, **gen_kwargs) -> float:
+    """Decode tokens/s over all rows, prefill excluded: from the first token's stamp to the last's.
+
+    Each generate step is stamped by a stopping criterion, so the prefill (and its run-to-run noise, large
+    at long prompts) never enters the figure. Warm-up once, then the median of `repeats` runs.
+    """
+    from transformers import StoppingCriteriaList
+
+    batch, rates = inputs["input_ids"].shape[0], []
+    for i in range(repeats + 1):
+        clock = _StepClock()
+        with torch.inference_mode():
+            model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                stopping_criteria=StoppingCriteriaList([clock]),
+                **gen_kwargs,
+            )
+        if i:  # the first run is the warm-up
+            steps = len(clock.stamps) - 1
+            rates.append(steps * batch / max(clock.stamps[-1] - clock.stamps[0], 1e-9))
+    return statistics.median(rates)
+
+
 @dataclass
 class Row:
     """One benchmark result: a plugin configuration against stock, measured in the same run."""

@@ -49,3 +49,9 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
         bias=None if bias is None else bias.to(dtype), antiquant_group_size=state["group_size"],
     )  # fmt: skip
     return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+
+@register("linear", "npu")
+def linear(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dense matmul: ``F.linear`` (the NPU matmul)."""
+    return torch.nn.functional.linear(x, weight, bias)

@@ -1,4 +1,4 @@
-"""W8A16 / W4A16 matmul in Triton, dequantization fused into the K loop (CUDA; tested in the interpreter).
+"""Matmuls on the triton backend: dense through ``F.linear`` (cuBLAS); W8A16 / W4A16 in Triton, dequantization fused into the K loop (CUDA; tested in the interpreter).
 
 Reads the neutral format of `optimum_atb.quantization.formats` directly (no repacking):
 int8 [N, K] with per-channel or per-group scales; int4 nibbles [N, K/2] with per-group scale and zero.
@@ -82,3 +82,9 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
     )  # fmt: skip
     y = y.to(x.dtype).reshape(*x.shape[:-1], n)
     return y if bias is None else y + bias.to(x.dtype)
+
+
+@register("linear", "triton")
+def linear(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dense matmul: ``F.linear`` (cuBLAS)."""
+    return torch.nn.functional.linear(x, weight, bias)

@@ -166,6 +166,12 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> tuple[torch.Tenso
     return k_new, v_new
 
 
+def linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` in float64."""
+    out = x.to(torch.float64) @ weight.to(torch.float64).T
+    return out if bias is None else out + bias.to(torch.float64)
+
+
 def rms_norm(x, weight, eps: float = 1e-6, *, residual=None, offset: float = 0.0):
     """``(weight + offset) * h / sqrt(mean(h^2) + eps)`` in float64 (``h = x + residual``: also returned)."""
     h = x.to(F64) if residual is None else x.to(F64) + residual.to(F64)

@@ -196,6 +196,19 @@ def flash_attention(
     return (out, torch.cat(lses, dim=1)) if return_lse else out
 
 
+def _consecutive_starts(
+    block_tables: torch.Tensor, lens: list[int], first: int, bs: int, nb: int
+) -> list[int] | None:
+    """Per row, the block at column ``first`` when the row's blocks in use are consecutive ids (else None)."""
+    starts = []
+    for row, n in zip(block_tables.tolist(), lens):
+        used = row[first : -(-n // bs)]
+        if used != list(range(used[0], used[0] + len(used))) or not 0 <= used[0] <= used[-1] < nb:
+            return None
+        starts.append(used[0])
+    return starts
+
+
 @register("paged_attention", "torch")
 def paged_attention(
     *,
@@ -209,26 +222,66 @@ def paged_attention(
     alibi_slopes: torch.Tensor | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Gathers every sequence's blocks ([B, max_blocks * block_size] keys), masks past ``context_lens``.
+    """Attends over each sequence's visible keys with SDPA, reading the pool as views where it can.
 
-    Correct, not fast: the fallback when no fused paged kernel exists. No host sync. Slots past a
-    sequence's context are never read into the result (zeroed before use).
+    Reads the block tables and context lengths on the host (this backend runs on the CPU; elsewhere it is a
+    fallback). A row whose blocks in use are consecutive ids is a view of the pool: when every row is, with
+    equal contexts (no padding) and evenly spaced starts -- the layout the allocator gives a batch that grows
+    together -- the batch is one strided view and one SDPA call; otherwise one call per row. Scattered blocks
+    are gathered (only the blocks in use); then, with unequal contexts, slots past a context are zeroed (they
+    may hold anything, NaN included) and masked. A single-token query reads only the last
+    ``sliding_window`` keys, so it needs no mask.
     """
     nb, bs, hkv, d = k_cache.shape
-    b = block_tables.shape[0]
-    table = block_tables.to(torch.long).clamp(0, nb - 1)  # unused entries may hold anything
-    keys = k_cache[table].reshape(b, -1, hkv, d).transpose(1, 2)
-    values = v_cache[table].reshape(b, -1, hkv, v_cache.shape[-1]).transpose(1, 2)
-    # slots past a context may hold anything (NaN from torch.empty): 0 * NaN would leak through softmax @ V
-    stale = (torch.arange(keys.shape[2], device=q.device) >= context_lens.view(-1, 1).to(torch.long)).view(
-        b, 1, -1, 1
-    )
-    keys, values = keys.masked_fill(stale, 0), values.masked_fill(stale, 0)
-    out = _attention_bhsd(
-        q.transpose(1, 2), keys, values, causal=True, scale=scale, sliding_window=sliding_window,
-        alibi_slopes=alibi_slopes, softcap=softcap, attn_mask=None, kv_len=context_lens,
+    dv = v_cache.shape[-1]
+    b, sq = q.shape[:2]
+    lens = context_lens.tolist()
+    width = max(lens)
+    uniform = min(lens) == width
+
+    def visible_from(n: int) -> int:  # the first key position a query of a row of n keys can see
+        return 0 if sliding_window is None else max(0, n - sq - sliding_window + 1)
+
+    lo = visible_from(width) if uniform else 0
+    first = lo // bs
+    opts = dict(
+        causal=True, scale=scale, sliding_window=None if sq == 1 else sliding_window,
+        alibi_slopes=alibi_slopes, softcap=softcap, attn_mask=None,
     )  # fmt: skip
-    return out.transpose(1, 2)
+    qt = q.transpose(1, 2)
+    views = k_cache.is_contiguous() and v_cache.is_contiguous()
+    starts = _consecutive_starts(block_tables, lens, first, bs, nb) if views else None
+    if starts is not None:
+        k_flat, v_flat = k_cache.view(nb * bs, hkv, d), v_cache.view(nb * bs, hkv, dv)
+        base = [s * bs - first * bs for s in starts]  # flat slot of position p of row i: base[i] + p
+        step = base[1] - base[0] if b > 1 else 0
+        if uniform and step >= 0 and all(x == base[0] + i * step for i, x in enumerate(base)):
+
+            def strided(flat: torch.Tensor) -> torch.Tensor:
+                row = flat[base[0] + lo :]
+                size, strides = (b, width - lo, *flat.shape[1:]), (step * row.stride(0), *row.stride())
+                return row.as_strided(size, strides, row.storage_offset()).transpose(1, 2)
+
+            return _attention_bhsd(qt, strided(k_flat), strided(v_flat), **opts).transpose(1, 2)
+        outs = []
+        for i, n in enumerate(lens):
+            rows = slice(base[i] + visible_from(n), base[i] + n)
+            k_i, v_i = k_flat[rows].transpose(0, 1)[None], v_flat[rows].transpose(0, 1)[None]
+            outs.append(_attention_bhsd(qt[i : i + 1], k_i, v_i, **opts))
+        return torch.cat(outs).transpose(1, 2)
+
+    # spare table entries may hold anything: clamped
+    table = block_tables[:, first : -(-width // bs)].to(torch.long).clamp(0, nb - 1)
+    keys = k_cache[table].reshape(b, -1, hkv, d)[:, lo - first * bs : width - first * bs].transpose(1, 2)
+    values = v_cache[table].reshape(b, -1, hkv, dv)[:, lo - first * bs : width - first * bs].transpose(1, 2)
+    if uniform:
+        return _attention_bhsd(qt, keys, values, **opts).transpose(1, 2)
+    # slots past a context may hold anything (NaN from torch.empty): 0 * NaN would leak through softmax @ V
+    stale = torch.arange(width, device=q.device) >= context_lens.view(-1, 1).to(torch.long)
+    stale = stale.view(b, 1, -1, 1)
+    keys, values = keys.masked_fill(stale, 0), values.masked_fill(stale, 0)
+    opts.update(sliding_window=sliding_window, kv_len=context_lens)
+    return _attention_bhsd(qt, keys, values, **opts).transpose(1, 2)
 
 
 @register("reshape_and_cache", "torch")
@@ -241,10 +294,45 @@ def reshape_and_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """``index_copy_`` of the tokens with a slot >= 0 into the flattened pools (in place)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].to(torch.long)
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    keep = (slot_mapping >= 0).nonzero().squeeze(1)
+    slots = slot_mapping
+    if keep.numel() != slot_mapping.numel():  # some tokens are pads
+        k, v, slots = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots.to(torch.long), k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots.to(torch.long), v.to(v_cache.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- matmul
+
+SMALL_GEMM_ROWS = 8  # float32 CPU products with at most this many rows take the weight @ x^T form
+_CHUNK_ROWS = 4
+
+
+@register("linear", "torch")
+def linear(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, except float32 on the CPU with 1 to 8 rows (decode, speculative verification).
+
+    There the product runs as ``weight @ x^T``: the BLAS call ``F.linear`` makes (``x @ weight^T``) streams
+    the weight at 9-16 GB/s for so few rows on the reference CPU, ``weight @ x^T`` with 2 to 4 columns at
+    35-43 GB/s (docs/results-cpu.md). Rows go in near-equal chunks of at most 4; a single row is doubled
+    (a one-column product is a GEMV, back at ~16 GB/s).
+    """
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    small_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    if not (small_fp32 and 0 < rows <= SMALL_GEMM_ROWS):
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, k)
+    if rows == 1:
+        out = (weight @ flat.expand(2, k).contiguous().T)[:, :1]
+    else:
+        chunks = -(-rows // _CHUNK_ROWS)
+        parts = [weight @ part.T for part in flat.split(-(-rows // chunks))]
+        out = parts[0] if chunks == 1 else torch.cat(parts, dim=1)
+    out = out.T.contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------- norms

@@ -58,7 +58,8 @@ def _heads(hq: int, hkv: int, d: int, dk: int) -> None:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {d}")
 
 
-def _scale(scale, head_dim: int) -> float:
+def resolve_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``1/sqrt(head_dim)`` by default; a finite positive number otherwise."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
@@ -144,7 +145,7 @@ def check_flash_attention(
                 raise ValueError(
                     f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B,Hq,Sq,Sk] {target}"
                 )
-        return _scale(scale, d)
+        return resolve_scale(scale, d)
 
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("varlen attention needs both cu_seqlens_q and cu_seqlens_k")
@@ -177,7 +178,21 @@ def check_flash_attention(
                 ((lens <= max_len).all(), f"a sequence in {name} is longer than its max_seqlen {max_len}")
             )
     _data_ok(checks)
-    return _scale(scale, d)
+    return resolve_scale(scale, d)
+
+
+def check_linear(x, weight, bias) -> None:
+    """Validate :func:`optimum_atb.ops.linear` inputs (metadata only)."""
+    _tensor("x", x)
+    _tensor("weight", weight, 2)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x [..., {x.shape[-1] if x.dim() else '?'}] does not fit weight [out, in] = {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _same_device(x=x, weight=weight, bias=bias)
+    _float_dtype(x=x, weight=weight)
 
 
 def check_paged_attention(
@@ -226,7 +241,7 @@ def check_paged_attention(
             ),
         ]
     )
-    return _scale(scale, d)
+    return resolve_scale(scale, d)
 
 
 def check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:

@@ -8,6 +8,7 @@ changes anything.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,28 +16,44 @@ from .errors import KVCacheCapacityError
 
 
 class BlockAllocator:
-    """``num_blocks`` block ids, a free list and a reference count per block."""
+    """``num_blocks`` block ids, their reference counts, and the free ones (lowest id first).
+
+    :meth:`allocate` takes a preferred block when it is free: sequences that grow into the block after their
+    last one stay contiguous in the pool, which lets the CPU attention read them as views, without a gather.
+    """
 
     def __init__(self, num_blocks: int):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refs = [0] * num_blocks
+        # min-heap of free ids; a block taken by preference leaves a stale entry, skipped when popped
+        self._heap = list(range(num_blocks))
+        self._num_free = num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
+
+    def free_blocks(self) -> list[int]:
+        """The free block ids, ascending."""
+        return [b for b, refs in enumerate(self._refs) if refs == 0]
 
     def refcount(self, block: int) -> int:
         return self._refs[block]
 
-    def allocate(self) -> int:
-        """A free block with reference count 1 (callers check :attr:`num_free` first)."""
-        if not self._free:
+    def allocate(self, prefer: int | None = None) -> int:
+        """A free block with reference count 1: ``prefer`` when it is free, else the lowest free id."""
+        if not self._num_free:
             raise KVCacheCapacityError(f"all {self.num_blocks} KV blocks are in use")
-        block = self._free.pop()
+        if prefer is not None and 0 <= prefer < self.num_blocks and self._refs[prefer] == 0:
+            block = prefer
+        else:
+            block = heapq.heappop(self._heap)
+            while self._refs[block]:
+                block = heapq.heappop(self._heap)
         self._refs[block] = 1
+        self._num_free -= 1
         return block
 
     def incref(self, block: int) -> None:
@@ -45,19 +62,25 @@ class BlockAllocator:
         self._refs[block] += 1
 
     def decref(self, block: int) -> None:
-        """Drop one reference; the block returns to the free list when none is left."""
+        """Drop one reference; the block returns to the free ones when none is left."""
         if self._refs[block] < 1:
             raise RuntimeError(f"block {block} is already free")
         self._refs[block] -= 1
         if self._refs[block] == 0:
-            self._free.append(block)
+            self._num_free += 1
+            if len(self._heap) >= 2 * self.num_blocks:  # too many stale entries: rebuild
+                self._heap = self.free_blocks()
+            else:
+                heapq.heappush(self._heap, block)
 
     def grow(self, num_blocks: int) -> None:
         """Add free blocks up to ``num_blocks`` in total (the caller grows its tensors to match)."""
         if num_blocks < self.num_blocks:
             raise ValueError(f"cannot shrink the pool from {self.num_blocks} to {num_blocks} blocks")
-        self._free[:0] = range(num_blocks - 1, self.num_blocks - 1, -1)
         self._refs.extend([0] * (num_blocks - self.num_blocks))
+        self._num_free += num_blocks - self.num_blocks
+        # ids above every id already there: appended, the list is still a heap
+        self._heap.extend(range(self.num_blocks, num_blocks))
         self.num_blocks = num_blocks
 
 
@@ -83,6 +106,11 @@ class BlockTables:
         self.allocator = allocator
         self.block_size = block_size
         self.seqs: list[SequenceBlocks] = []
+
+    def _home(self, index: int) -> int:
+        """Where sequence ``index`` of the batch starts when its first block is free: the pool is split
+        evenly between the sequences, so each one can grow into the blocks after its own."""
+        return index * (self.allocator.num_blocks // max(len(self.seqs), 1))
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -133,7 +161,7 @@ class BlockTables:
         bs, alloc = self.block_size, self.allocator
         slots: list[list[int]] = []
         copies: list[tuple[int, int]] = []
-        for seq, n in zip(self.seqs, new_tokens):
+        for i, (seq, n) in enumerate(zip(self.seqs, new_tokens)):
             if n > 0 and seq.num_tokens % bs and alloc.refcount(seq.blocks[-1]) > 1:
                 src, dst = seq.blocks[-1], alloc.allocate()
                 copies.append((src, dst))
@@ -143,7 +171,7 @@ class BlockTables:
             for pos in range(seq.num_tokens, seq.num_tokens + n):
                 idx = pos // bs - seq.first_block
                 if idx == len(seq.blocks):
-                    seq.blocks.append(alloc.allocate())
+                    seq.blocks.append(alloc.allocate(seq.blocks[-1] + 1 if seq.blocks else self._home(i)))
                 row.append(seq.blocks[idx] * bs + pos % bs)
             seq.num_tokens += max(n, 0)
             slots.append(row)

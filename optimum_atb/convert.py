@@ -19,7 +19,7 @@ from torch import nn
 from .backends import resolve, use_backend
 from .errors import QuantizationError, UnsupportedModelError
 
-FUSIONS = ("norm", "rotary", "qkv", "mlp", "attention")
+FUSIONS = ("norm", "rotary", "qkv", "mlp", "attention", "linear")
 QUANTIZE_BITS = {"int8": 8, "int4": 4}
 _ATTENTION_FUSIONS = {"rotary", "qkv", "attention"}
 
@@ -130,6 +130,18 @@ def _convert_layer(state: _State, spec, layer: nn.Module, config) -> None:
         glu, glu_kwargs = _glu(spec, config)
         mlp._atb = fused.MLPPlan(glu, glu_kwargs)
         _bind(state, mlp, fused.mlp_forward)
+    if "linear" in fuse:
+        for parent in (attn, mlp):
+            _bind_linears(state, parent.children())
+
+
+def _bind_linears(state: _State, modules: Iterable[nn.Module]) -> None:
+    """Plain ``nn.Linear`` modules (not quantized ones) compute through ``ops.linear``."""
+    from .patches import fused
+
+    for module in modules:
+        if type(module) is nn.Linear:
+            _bind(state, module, fused.linear_forward)
 
 
 def _decoder_layers(model: nn.Module, spec) -> list[nn.Module]:
@@ -196,6 +208,8 @@ def to_atb(
     with torch.no_grad():
         for layer in layers:
             _convert_layer(state, spec, layer, config)
+    if "linear" in fusions:
+        _bind_linears(state, [model.get_output_embeddings()])
     if "attention" in fusions and config._attn_implementation != "atb":
         state.attn_implementation = config._attn_implementation
         model.set_attn_implementation("atb")

@@ -78,6 +78,7 @@ def paged_attention(
     sliding_window: int | None = None,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Attention of q [B,Sq,Hq,D] over a paged KV pool k/v_cache [num_blocks, block_size, Hkv, D].
 
@@ -86,10 +87,16 @@ def paged_attention(
     ``b`` lives at ``cache[block_tables[b, t // block_size], t % block_size]``; table entries past a
     sequence's last block and slots past its context are never read. With Sq > 1 the new tokens are
     causal among themselves (speculative verification). Returns [B,Sq,Hq,D].
+
+    ``validate=False`` skips the input checks (they read the tables and lengths): for callers that checked
+    the same metadata already, as :class:`~optimum_atb.PagedCache` does once per step, not once per layer.
     """
-    scale = V.check_paged_attention(
-        q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, alibi_slopes, softcap
-    )
+    if validate:
+        scale = V.check_paged_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, alibi_slopes, softcap
+        )
+    else:
+        scale = V.resolve_scale(scale, q.shape[-1])
     return _run(
         "paged_attention", q.device, q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
         context_lens=context_lens, scale=scale, sliding_window=sliding_window,
@@ -98,14 +105,32 @@ def paged_attention(
 
 
 def reshape_and_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    validate: bool = True,
 ) -> None:
     """Write k/v [T,Hkv,D] into the pools at flat slots ``slot_mapping`` [T] (int, block*block_size+offset).
 
-    Slots < 0 are skipped (padding). Out-of-range slots raise before anything is written.
+    Slots < 0 are skipped (padding). Out-of-range slots raise before anything is written (unless
+    ``validate=False``: see :func:`paged_attention`).
     """
-    V.check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+    if validate:
+        V.check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
     _run("reshape_and_cache", k.device, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` (``F.linear``), through the backend's fastest form for the shape.
+
+    On the CPU in float32 with at most 8 rows (decode steps), computed as ``weight @ x.T``: 2-4x faster
+    there than ``F.linear`` (docs/results-cpu.md). Elsewhere ``F.linear`` itself.
+    """
+    V.check_linear(x, weight, bias)
+    return _run("linear", x.device, x=x, weight=weight, bias=bias)
 
 
 def rms_norm(

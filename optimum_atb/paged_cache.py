@@ -386,15 +386,17 @@ class PagedCache(Cache):
         )
         kp, vp = g.k_pools[layer_idx], g.v_pools[layer_idx]
         b, s, h, d = key.shape
+        check = layer_idx == g.layers[0]  # the step's metadata is shared by the group: checked once
         ops.reshape_and_cache(
             key.reshape(b * s, h, d).to(kp.dtype),
             value.reshape(b * s, h, value.shape[-1]).to(vp.dtype),
-            kp, vp, g.meta.slot_mapping,
+            kp, vp, g.meta.slot_mapping, validate=check,
         )  # fmt: skip
         q, meta = query.to(kp.dtype), g.meta
         attend = functools.partial(
-            ops.paged_attention, k_cache=kp, v_cache=vp, scale=scaling, sliding_window=window, softcap=softcap
-        )
+            ops.paged_attention, k_cache=kp, v_cache=vp, scale=scaling, sliding_window=window, softcap=softcap,
+            validate=check,
+        )  # fmt: skip
         if meta.full_rows is None:
             return attend(q, block_tables=meta.block_tables, context_lens=meta.context_lens).to(query.dtype)
         # Some rows start with pads (not stored): their pad queries see nothing and get zeros, their real

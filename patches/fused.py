@@ -56,6 +56,11 @@ class MLPPlan:
     glu_kwargs: dict
 
 
+def linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear`` through :func:`optimum_atb.ops.linear` (the backend's fastest form for the shape)."""
+    return ops.linear(input, self.weight, self.bias)
+
+
 def _norm(x: torch.Tensor, norm: nn.Module, plan: DecoderPlan, residual: torch.Tensor | None = None):
     return ops.rms_norm(x, norm.weight, plan.eps, residual=residual, offset=plan.offset)
 

@@ -18,8 +18,9 @@ BLOCK = 4
 def _check_invariants(tables: BlockTables) -> None:
     alloc = tables.allocator
     owners = Counter(b for seq in tables.seqs for b in seq.blocks)
-    free = alloc._free
-    assert len(set(free)) == len(free), "a block is twice in the free list"
+    free = alloc.free_blocks()
+    assert alloc.num_free == len(free)
+    assert set(free) <= set(alloc._heap), "a free block cannot be handed out"
     for block in range(alloc.num_blocks):
         # a block is shared by several sequences only through its reference count
         assert alloc.refcount(block) == owners.get(block, 0)
@@ -43,6 +44,26 @@ def test_allocate_free_and_refcounts():
     alloc.allocate(), alloc.allocate()
     with pytest.raises(KVCacheCapacityError):
         alloc.allocate()
+
+
+def test_allocate_takes_the_preferred_block_when_free():
+    alloc = BlockAllocator(4)
+    assert alloc.allocate(prefer=2) == 2
+    assert [alloc.allocate(prefer=2), alloc.allocate()] == [0, 1]  # taken: the lowest free ids instead
+    alloc.decref(0)
+    assert alloc.allocate(prefer=9) == 0  # out of range: ignored
+    assert alloc.allocate() == 3 and alloc.num_free == 0
+
+
+def test_sequences_growing_together_stay_contiguous():
+    """Each sequence starts at its share of the pool and grows into the next block: no interleaving."""
+    tables = BlockTables(BlockAllocator(12), BLOCK)
+    tables.resize_batch(3)
+    tables.append([5, 1, 6])
+    for _ in range(10):
+        tables.append([1, 1, 1])
+    assert [s.blocks for s in tables.seqs] == [[0, 1, 2, 3], [4, 5, 6], [8, 9, 10, 11]]
+    _check_invariants(tables)
 
 
 def test_append_returns_slots_in_order():
@@ -147,7 +168,7 @@ def test_random_operations_never_leak_or_double_own(ops):
             tables.resize_batch(3)
         _check_invariants(tables)
     tables.free_all()
-    assert sorted(tables.allocator._free) == list(range(24))
+    assert tables.allocator.free_blocks() == list(range(24))
 
 
 @settings(max_examples=10, deadline=None)
@@ -174,4 +195,4 @@ def test_thousand_operations_leave_no_leak(seed):
             tables.drop_before([s.num_tokens - rng.randint(1, 10) for s in tables.seqs])
         _check_invariants(tables)
     tables.free_all()
-    assert tables.allocator.num_free == 32 and sorted(tables.allocator._free) == list(range(32))
+    assert tables.allocator.num_free == 32 and tables.allocator.free_blocks() == list(range(32))

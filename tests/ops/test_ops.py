@@ -169,17 +169,32 @@ def test_flash_attention_backward(grad_backend, b, sq, sk, hq, hkv, d, dtype, op
         assert_close(got.grad, want.grad, dtype, grad=True, what=f"d{name}")
 
 
-def paged_setup(b, hkv, d, dtype, block_size, context_lens):
-    """A NaN-poisoned pool, scattered block tables (spare entries point at a NaN block) and contexts."""
+def paged_setup(b, hkv, d, dtype, block_size, context_lens, layout="scattered"):
+    """A NaN-poisoned pool, block tables and contexts; spare table entries point at a NaN block.
+
+    ``layout``: "scattered" (random blocks), "consecutive" (each row's blocks follow each other; rows in
+    reverse order with random gaps) or "even" (consecutive rows at evenly spaced starts, as the allocator
+    lays out a batch that grows together).
+    """
     needed = [math.ceil(n / block_size) for n in context_lens]
-    num_blocks = sum(needed) + 3
+    stride = max(needed) + 1
+    num_blocks = b * stride + 3
     k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
-    order = torch.randperm(num_blocks - 1).tolist()  # block num_blocks - 1 stays NaN: the spare entries
-    table = torch.full((b, max(needed) + 1), num_blocks - 1, dtype=torch.int32)
+    if layout == "scattered":
+        order = torch.randperm(num_blocks - 1).tolist()
+        rows = [[order.pop() for _ in range(n)] for n in needed]
+    elif layout == "even":
+        rows = [[1 + i * stride + j for j in range(n)] for i, n in enumerate(needed)]
+    else:
+        rows, start = [], 0
+        for n in reversed(needed):
+            start += int(torch.randint(0, 2, ()))
+            rows.insert(0, list(range(start, start + n)))
+            start += n
+    table = torch.full((b, max(needed) + 1), num_blocks - 1, dtype=torch.int32)  # block num_blocks - 1: NaN
     for i, n in enumerate(context_lens):
-        for j in range(needed[i]):
-            blk = order.pop()
+        for j, blk in enumerate(rows[i]):
             table[i, j] = blk
             used = min(block_size, n - j * block_size)
             k_cache[blk, :used] = rand(used, hkv, d, dtype=dtype)
@@ -194,15 +209,31 @@ PAGED_CASES = [
     ("verify3-bs16-mha", 3, 3, 4, 4, 80, F16, 16, [3, 17, 64], {}),
     ("verify3-bs32-window-alibi", 2, 3, 8, 4, 64, F32, 32, [70, 9], {"sliding_window": 8, "alibi": "heads"}),
     ("decode-bs16-softcap", 2, 1, 4, 1, 80, BF16, 16, [33, 16], {"softcap": 4.0}),
+    # equal contexts (no padding): the torch backend gathers only the visible keys and runs without a mask
+    ("decode-equal-window", 3, 1, 8, 2, 64, F32, 16, [45, 45, 45], {"sliding_window": 20}),
+    (
+        "verify4-equal-window-alibi",
+        2,
+        4,
+        4,
+        2,
+        64,
+        F32,
+        16,
+        [37, 37],
+        {"sliding_window": 9, "alibi": "heads"},
+    ),
+    ("prefill-equal-bs16", 2, 19, 4, 2, 64, BF16, 16, [19, 19], {}),
 ]
 
 
 @pytest.mark.parametrize(
     "b,sq,hq,hkv,d,dtype,block_size,context_lens,opts", [pytest.param(*c[1:], id=c[0]) for c in PAGED_CASES]
 )
-def test_paged_attention(backend, b, sq, hq, hkv, d, dtype, block_size, context_lens, opts):
+@pytest.mark.parametrize("layout", ["scattered", "consecutive", "even"])
+def test_paged_attention(backend, b, sq, hq, hkv, d, dtype, block_size, context_lens, opts, layout):
     require_kernel("paged_attention", backend)
-    k_cache, v_cache, table, lens = paged_setup(b, hkv, d, dtype, block_size, context_lens)
+    k_cache, v_cache, table, lens = paged_setup(b, hkv, d, dtype, block_size, context_lens, layout)
     q = rand(b, sq, hq, d, dtype=dtype, scale=4.0 if "softcap" in opts else 1.0)
     kwargs = attn_options(opts, b, sq, 0, hq)
     want = ref.paged_attention(q, k_cache, v_cache, table, lens, **kwargs)
@@ -364,6 +395,42 @@ def test_glu(backend, op, approximate, packed, shape, dtype):
     want = getattr(ref, op)(gate, up, **extra)
     assert got.dtype == dtype and got.shape == want.shape
     assert_close(got, want, dtype, what=op)
+
+
+# (leading shape of x, in, out): 1..8 rows take the small-row form on the CPU in fp32, more rows F.linear
+LINEAR_SHAPES = [
+    ((1, 1), 37, 29),
+    ((2,), 37, 29),
+    ((1, 3), 64, 48),
+    ((5,), 37, 29),
+    ((2, 4), 40, 24),
+    ((9,), 37, 29),
+]
+
+
+@pytest.mark.parametrize("lead,k,n", LINEAR_SHAPES)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(backend, lead, k, n, dtype, bias):
+    require_kernel("linear", backend)
+    x, w = rand(*lead, k, dtype=dtype), rand(n, k, dtype=dtype)
+    b = rand(n, dtype=dtype) if bias else None
+
+    got = ops.linear(x, w, b)
+
+    assert got.dtype == dtype and got.shape == (*lead, n) and got.is_contiguous()
+    assert_close(got, ref.linear(x, w, b), dtype, what="linear")
+
+
+def test_linear_gradients_match_f_linear():
+    x = torch.randn(3, 37, requires_grad=True)
+    w = torch.randn(29, 37, requires_grad=True)
+    ops.linear(x, w).square().sum().backward()
+    gx, gw = x.grad, w.grad
+    x.grad = w.grad = None
+    torch.nn.functional.linear(x, w).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, atol=1e-4, rtol=1e-4)  # the same sums in another order
+    torch.testing.assert_close(gw, w.grad, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- torch backend: exactly stock transformers

@@ -236,6 +236,13 @@ NORM_CASES = [
     ("glu-odd-packed", lambda: ops.swiglu(torch.randn(2, 7)), "must be even"),
     ("glu-shapes", lambda: ops.geglu(torch.randn(2, 8), torch.randn(2, 6)), "same shape"),
     ("glu-approximate", lambda: ops.geglu(torch.randn(2, 8), approximate="erf"), "approximate must be"),
+    ("linear-in-features", lambda: ops.linear(torch.randn(2, 8), torch.randn(4, 7)), r"does not fit weight"),
+    ("linear-bias", lambda: ops.linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(3)), "bias must"),
+    (
+        "linear-dtypes",
+        lambda: ops.linear(torch.randn(2, 8), torch.randn(4, 8, dtype=F16)),
+        "dtypes must match",
+    ),
 ]
 
 
