@@ -179,11 +179,17 @@ class BlockTables:
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``tokens_to_remove`` tokens of every sequence (fewer where a sequence is shorter)."""
-        if tokens_to_remove < 0:
-            raise ValueError(f"tokens_to_remove must be >= 0, got {tokens_to_remove}")
+        self.crop_rows([tokens_to_remove] * len(self.seqs))
+
+    def crop_rows(self, tokens_to_remove: Sequence[int]) -> None:
+        """Drop the last ``tokens_to_remove[i]`` tokens of sequence ``i``; emptied blocks are freed."""
+        if len(tokens_to_remove) != len(self.seqs) or any(n < 0 for n in tokens_to_remove):
+            raise ValueError(
+                f"need one count >= 0 per sequence ({len(self.seqs)}), got {list(tokens_to_remove)}"
+            )
         bs = self.block_size
-        for seq in self.seqs:
-            seq.num_tokens = max(seq.num_tokens - tokens_to_remove, seq.first_block * bs)
+        for seq, n in zip(self.seqs, tokens_to_remove):
+            seq.num_tokens = max(seq.num_tokens - n, seq.first_block * bs)
             keep = -(-seq.num_tokens // bs) - seq.first_block
             for block in seq.blocks[keep:]:
                 self.allocator.decref(block)

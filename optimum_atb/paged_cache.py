@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -434,6 +435,27 @@ class PagedCache(Cache):
                 g.tables.drop_before([x - g.window + 1 for x in g.tables.lengths()])
         self._columns -= n
 
+    def crop_rows(self, tokens_to_remove: Sequence[int]) -> None:
+        """Drop the last ``tokens_to_remove[i]`` tokens of row ``i`` (speculative decoding: each row rejects
+        its own number of draft tokens). Emptied blocks go back to the pool; nothing is copied.
+
+        Paged attention path only (after ``to_atb()``): there each row holds its own number of tokens. The
+        stock path returns K/V of one length for all rows and raises ``RuntimeError``.
+        """
+        if self._mode == "stock":
+            raise RuntimeError(
+                "crop_rows() needs the paged attention path (a model converted with to_atb()); the stock "
+                "attention path keeps every row at one length: use crop()"
+            )
+        counts = [int(n) for n in tokens_to_remove]
+        if len(counts) != max(self.batch_size, 0) or any(n < 0 for n in counts):
+            raise ValueError(f"need one count >= 0 per row ({self.batch_size} rows), got {counts}")
+        for g in self._groups:
+            g.tables.crop_rows(counts)
+            if g.window is not None:
+                g.tables.drop_before([x - g.window + 1 for x in g.tables.lengths()])
+        self._columns -= min(counts, default=0)
+
     def _select(self, indices: list[int]) -> None:
         for g in self._groups:
             if g.tables is not None and len(g.tables):
@@ -486,6 +508,14 @@ class PagedCache(Cache):
             stats["allocated_bytes"] += in_use * per_block
             stats["pool_bytes"] += alloc.num_blocks * per_block
         return stats
+
+
+def reads_from_pool(model) -> bool:
+    """Whether `model`'s attention layers write and read a :class:`PagedCache` themselves (``to_atb()``),
+    so that rows may hold different numbers of tokens (:meth:`PagedCache.crop_rows`)."""
+    from .patches.fused import AttentionPlan
+
+    return any(isinstance(getattr(m, "_atb", None), AttentionPlan) for m in model.modules())
 
 
 def _real_token_counts(mask: torch.Tensor | None, batch: int, q_len: int) -> list[int] | None:

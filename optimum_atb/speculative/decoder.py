@@ -180,7 +180,7 @@ def speculative_generate(
         t0 = time.perf_counter()
         cols = torch.arange(k + 1, device=device)
         ids = tokens[active[:, None], view.length[:, None] - 1 + cols]
-        first_col = target.width
+        before = target.lengths.clone()
         logits = target.forward(ids, cols <= proposed[:, None], keep=k + 1)
         scores = view.score_positions(logits, view.length)
         if generation_config.do_sample:
@@ -193,7 +193,7 @@ def speculative_generate(
         policy.target.observe(active.numel() * (k + 1), spent)
         stats.verify_time_s += spent
 
-        target.truncate(first_col + 1 + accepted)
+        target.truncate(before + 1 + accepted)
         if k:
             draft.commit(accepted)
         policy.update(active, proposed, accepted)

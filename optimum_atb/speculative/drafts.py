@@ -47,7 +47,7 @@ class ModelDraft:
         logits = self.slots.forward(ids, cols < behind[:, None], keep=width)
         last = logits[torch.arange(rows.numel(), device=rows.device), behind - 1]
         self.cached = length.clone()
-        self.first_draft_col = self.slots.width
+        self.first_draft = self.slots.lengths.clone()
 
         k = int(counts.max())
         drafts = torch.empty(rows.numel(), k, dtype=torch.long, device=length.device)
@@ -70,7 +70,7 @@ class ModelDraft:
 
     def commit(self, accepted: torch.Tensor) -> None:
         """Keep the accepted draft tokens' cache columns (the last draft token was never fed)."""
-        self.slots.truncate(self.first_draft_col + accepted)
+        self.slots.truncate(self.first_draft + accepted)
         self.cached = self.cached + accepted.clamp(max=max(self.drafted - 1, 0))
 
     def select(self, keep: torch.Tensor) -> None:

@@ -240,6 +240,23 @@ def test_crop_and_repeat_interleave_match_dynamic_cache():
         paged.crop(2)
 
 
+def test_crop_rows_frees_per_row_and_needs_the_paged_path():
+    model = tiny_model("llama")
+    stock_filled = PagedCache(model.config, block_size=4)
+    _prefill(model, stock_filled)
+    with pytest.raises(RuntimeError, match="paged attention path"):
+        stock_filled.crop_rows([1, 0])
+    paged = PagedCache(model.config, block_size=4)
+    converted = paged_copy(model, "to_atb")
+    _prefill(converted, paged)  # 10 tokens a row: 3 blocks each
+    paged.crop_rows([7, 0])
+    assert [s.num_tokens for s in paged._groups[0].tables.seqs] == [3, 10]
+    assert paged.memory_stats()["allocated_blocks"] == 1 + 3
+    for bad in ([1], [-1, 0]):
+        with pytest.raises(ValueError, match="one count >= 0 per row"):
+            paged.crop_rows(bad)
+
+
 def test_get_mask_sizes_match_dynamic_cache():
     model = tiny_model("gemma2")  # layer 0 sliding (window 8), layer 1 full
     paged, dyn = PagedCache(model.config, block_size=4), DynamicCache(config=model.config)

@@ -55,6 +55,30 @@ def test_greedy_identity_padded_batch(target, source, schedule):
         assert stats.accepted_tokens == stats.proposed_tokens > 0
 
 
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_greedy_identity_paged_cache_rows_cropped_apart(target, source, monkeypatch):
+    """After to_atb() a PagedCache keeps each row's own length: rejected drafts are cropped per row."""
+    from optimum_atb import PagedCache
+
+    inputs = padded_batch(VOCAB)
+    ref = stock(target, **inputs, max_new_tokens=24, do_sample=False)
+    converted = copy.deepcopy(target).to_atb()
+    crops = []
+    original = PagedCache.crop_rows
+    monkeypatch.setattr(PagedCache, "crop_rows", lambda self, n: (crops.append(list(n)), original(self, n)))
+    cache = PagedCache(target.config, block_size=4)
+
+    out = converted.generate(
+        **inputs, max_new_tokens=24, do_sample=False, cache=cache, **SOURCES[source](target)
+    )
+
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    if source != "self_draft":  # an exact draft has nothing rejected
+        assert any(len(set(n)) > 1 for n in crops), "rows were never cropped by different amounts"
+    stats = cache.memory_stats()
+    assert stats["wasted_slots"] < 4 * 4  # no row holds a block it does not use
+
+
 def test_token_dependent_processor(target):
     """repetition_penalty and no_repeat_ngram_size see each verified position's own prefix."""
     inputs = padded_batch(VOCAB, seed=3)

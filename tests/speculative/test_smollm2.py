@@ -54,3 +54,24 @@ def test_greedy_identity_smollm2(smollm2, smollm2_tokenizer, source, batch):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     stats = smollm2.atb_speculative_stats
     assert stats.accepted_tokens > 0 and stats.tokens_per_target_forward > 1.0
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_greedy_identity_smollm2_paged_batch(smollm2, smollm2_tokenizer):
+    """After to_atb(), with a PagedCache: rows crop their rejected drafts apart, output stays stock."""
+    tok = smollm2_tokenizer
+    tok.padding_side = "left"
+    inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    converted = copy.deepcopy(smollm2).to_atb()
+    with torch.inference_mode():
+        ref = smollm2.generate(**inputs, **kwargs)
+        out = converted.generate(
+            **inputs,
+            **kwargs,
+            assistant_model=optimum_atb.draft_from(smollm2),
+            cache_implementation="atb_paged",
+        )
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert converted.atb_speculative_stats.accepted_tokens > 0
