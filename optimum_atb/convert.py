@@ -136,11 +136,13 @@ def _convert_layer(state: _State, spec, layer: nn.Module, config) -> None:
 
 
 def _bind_linears(state: _State, modules: Iterable[nn.Module]) -> None:
-    """Plain ``nn.Linear`` modules (not quantized ones) compute through ``ops.linear``."""
+    """Plain float32 ``nn.Linear`` modules on the CPU (not quantized ones) take the CPU small-row matmul;
+    elsewhere ``F.linear`` is already the right call and a wrapper would only add Python per call."""
     from .patches import fused
 
     for module in modules:
-        if type(module) is nn.Linear:
+        w = getattr(module, "weight", None)
+        if type(module) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu":
             _bind(state, module, fused.linear_forward)
 
 

@@ -15,6 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from optimum_atb import ops
 from optimum_atb.attention import flash_attention_bshd
+from optimum_atb.kernels.torch_ops import linear as cpu_linear
 
 # Activations with a fused GLU kernel: config name -> (op, extra kwargs).
 GLU_OPS: dict[str, tuple[Callable, dict]] = {
@@ -57,8 +58,9 @@ class MLPPlan:
 
 
 def linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear`` through :func:`optimum_atb.ops.linear` (the backend's fastest form for the shape)."""
-    return ops.linear(input, self.weight, self.bias)
+    """A float32 CPU ``nn.Linear`` through the torch backend's ``linear`` (``weight @ x^T`` for 1-8 rows,
+    ``F.linear`` otherwise); bound at conversion, so the per-call checks of ``ops.linear`` are skipped."""
+    return cpu_linear(x=input, weight=self.weight, bias=self.bias)
 
 
 def _norm(x: torch.Tensor, norm: nn.Module, plan: DecoderPlan, residual: torch.Tensor | None = None):

@@ -109,6 +109,20 @@ def test_each_fusion_alone_matches_stock(fusion):
     torch.testing.assert_close(_logits(model), _logits(stock), atol=1e-4, rtol=0)
 
 
+def test_linear_fusion_binds_fp32_cpu_linears_only():
+    stock = _stock()
+    model = copy.deepcopy(stock).to_atb(fuse={"linear"})
+    bound = {
+        name for name, m in model.named_modules() if type(m).__name__ == "Linear" and "forward" in vars(m)
+    }
+    plain = {name for name, m in model.named_modules() if type(m).__name__ == "Linear"}
+    assert bound == plain and "lm_head" in bound  # every projection and the output projection
+    assert _instance_forwards(copy.deepcopy(stock).to(torch.bfloat16).to_atb(fuse={"linear"})) == []
+    torch.testing.assert_close(_logits(model), _logits(stock), atol=1e-5, rtol=0)
+    optimum_atb.revert(model)
+    assert _instance_forwards(model) == [] and torch.equal(_logits(model), _logits(stock))
+
+
 def test_fuse_false_changes_nothing():
     stock = _stock()
     model = copy.deepcopy(stock).to_atb(fuse=False)
