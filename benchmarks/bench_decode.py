@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 
@@ -94,9 +93,7 @@ def main() -> None:
         args.repeats or repeats,
     )
     harness.print_rows(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.as_dict() for r in rows], f, indent=2)
+    harness.save_rows(rows, args.json)
 
 
 if __name__ == "__main__":

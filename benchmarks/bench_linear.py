@@ -11,7 +11,6 @@ than the last-level cache holds, as in a model) and reported as weight GB/s, med
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -86,9 +85,7 @@ def main() -> None:
     print(harness.machine_description())
     rows = run("quick" if args.quick else "full")
     harness.print_rows(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.as_dict() for r in rows], f, indent=1)
+    harness.save_rows(rows, args.json)
 
 
 if __name__ == "__main__":

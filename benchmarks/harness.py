@@ -210,6 +210,15 @@ def machine_description() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, {dev}, torch {torch.__version__}"
 
 
+def save_rows(rows: list[Row], path: str | None) -> None:
+    """Write the rows as JSON to `path` (nothing when it is None)."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=2)
+
+
 def print_rows(rows: list[Row]) -> None:
     """A Markdown table of rows, ratio last."""
     print("| benchmark | config | baseline | baseline value | value | ratio |")
