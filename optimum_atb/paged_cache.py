@@ -427,13 +427,17 @@ class PagedCache(Cache):
                 f"crop({tokens_to_remove}): pass a negative number of tokens to remove, as for DynamicCache"
             )
         n = min(-tokens_to_remove, self._columns)
+        self._crop_tables(lambda tables: tables.crop(n))
+        self._columns -= n
+
+    def _crop_tables(self, crop) -> None:
+        """Apply `crop` to every group's block tables, then drop the blocks that left a window."""
         for g in self._groups:
             if g.tables is None:
                 continue
-            g.tables.crop(n)
+            crop(g.tables)
             if g.window is not None:
                 g.tables.drop_before([x - g.window + 1 for x in g.tables.lengths()])
-        self._columns -= n
 
     def crop_rows(self, tokens_to_remove: Sequence[int]) -> None:
         """Drop the last ``tokens_to_remove[i]`` tokens of row ``i`` (speculative decoding: each row rejects
@@ -450,10 +454,7 @@ class PagedCache(Cache):
         counts = [int(n) for n in tokens_to_remove]
         if len(counts) != max(self.batch_size, 0) or any(n < 0 for n in counts):
             raise ValueError(f"need one count >= 0 per row ({self.batch_size} rows), got {counts}")
-        for g in self._groups:
-            g.tables.crop_rows(counts)
-            if g.window is not None:
-                g.tables.drop_before([x - g.window + 1 for x in g.tables.lengths()])
+        self._crop_tables(lambda tables: tables.crop_rows(counts))
         self._columns -= min(counts, default=0)
 
     def _select(self, indices: list[int]) -> None:
