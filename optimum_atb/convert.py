@@ -141,8 +141,11 @@ def _bind_linears(state: _State, modules: Iterable[nn.Module]) -> None:
     from .patches import fused
 
     for module in modules:
-        w = getattr(module, "weight", None)
-        if type(module) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu":
+        if (
+            type(module) is nn.Linear
+            and module.weight.dtype == torch.float32
+            and module.weight.device.type == "cpu"
+        ):
             _bind(state, module, fused.linear_forward)
 
 

@@ -40,9 +40,10 @@ class SlotCache:
         in one row.
         """
         valid = valid.to(torch.long)
-        positions = self.lengths[:, None] + (valid.cumsum(1) - 1).clamp(min=0)
+        seen = valid.cumsum(1)
+        positions = self.lengths[:, None] + (seen - 1).clamp(min=0)
         if self.per_row:
-            pads = valid.cumsum(1) == 0
+            pads = seen == 0
             mask = valid if bool(pads.any()) else None  # left padding: the cache stores no pad token
         else:
             mask = torch.cat([self.mask, valid], dim=1)
