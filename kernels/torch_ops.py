@@ -2,7 +2,8 @@
 
 Attention runs through ``F.scaled_dot_product_attention`` with ``enable_gqa=True`` (K/V never repeated)
 whenever it can express the request; softcap, ``return_lse`` and ALiBi in half precision take an explicit
-float32 math path (SDPA cannot softcap nor return the log-sum-exp, and a half-precision bias loses digits).
+float32 math path (SDPA cannot softcap nor return the log-sum-exp, and a half-precision bias loses digits);
+a half-precision single-token query takes two matmuls around a float32 softmax (SDPA is slow there on CPU).
 Masking follows the conventions of :mod:`optimum_atb.ops`. Inputs arrive validated.
 """
 
@@ -89,6 +90,35 @@ def _math_attention(q, k, v, scale, allowed, bias, softcap, dropout_p):
     return out, lse
 
 
+_HALF = (torch.bfloat16, torch.float16)
+_MATMUL_DECODE_MIN_KEYS = 160  # batch * keys from which the matmul form beats SDPA (bf16, reference CPU)
+
+
+def _sdpa(q, k, v, *, attn_mask, dropout_p, is_causal, scale):
+    """``F.scaled_dot_product_attention`` with GQA, except a half-precision single-token query on the CPU.
+
+    There SDPA's flash kernel costs 3-14x the plain ``softmax(q k^T) v`` (e.g. 918 against 103 us at batch 8,
+    300 keys; docs/results-cpu.md), so that case runs as two matmuls in the input dtype around a float32
+    softmax -- transformers' eager attention arithmetic. Below ~160 batch x keys the matmuls' fixed cost loses.
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if not (
+        sq == 1 and q.dtype in _HALF and q.device.type == "cpu" and dropout_p == 0.0
+        and b * sk >= _MATMUL_DECODE_MIN_KEYS and (attn_mask is None or attn_mask.dtype == torch.bool)
+    ):  # fmt: skip
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=True,
+        )  # fmt: skip
+    scores = torch.matmul(q.reshape(b, hkv, hq // hkv, d), k.transpose(-1, -2)).view(b, hq, 1, sk).float()
+    scores = scores.mul_(scale)
+    if attn_mask is not None:
+        scores = scores.masked_fill_(~attn_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs.view(b, hkv, hq // hkv, sk), v).view(b, hq, 1, v.shape[-1])
+
+
 def _attention_bhsd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -110,9 +140,7 @@ def _attention_bhsd(
     plain = sliding_window is None and alibi_slopes is None and attn_mask is None and kv_len is None
     use_math = return_lse or softcap is not None or (alibi_slopes is not None and q.dtype != torch.float32)
     if plain and not use_math and (not causal or sq == 1 or sq == sk):
-        return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=causal and sq > 1, scale=scale, enable_gqa=True
-        )
+        return _sdpa(q, k, v, attn_mask=None, dropout_p=dropout_p, is_causal=causal and sq > 1, scale=scale)
 
     allowed, q_pos = _visibility(
         b, sq, sk, q.device, causal=causal, sliding_window=sliding_window, attn_mask=attn_mask, kv_len=kv_len
@@ -132,9 +160,7 @@ def _attention_bhsd(
             mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
         else:
             mask = allowed
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=True
-        )
+        out = _sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scale)
         lse = None
     if row_ok is not None:
         out = torch.where(row_ok, out, 0.0)

@@ -57,6 +57,10 @@ ATTENTION_CASES = [
     ("causal-square-mqa", 2, 7, 7, 4, 1, 64, F32, {}, True),
     ("noncausal-mha", 1, 7, 7, 4, 4, 80, F16, {"causal": False}, False),
     ("decode-gqa", 2, 1, 129, 8, 4, 128, BF16, {}, True),
+    # half-precision decode past 160 batch x keys: the torch backend's matmul form instead of SDPA
+    ("decode-gqa-matmul", 2, 1, 129, 9, 3, 64, BF16, {}, False),
+    ("decode-padding-matmul", 2, 1, 129, 8, 2, 80, F16, {"mask": "padding"}, False),
+    ("decode-window-random-mask", 2, 1, 129, 4, 1, 64, BF16, {"mask": "random", "sliding_window": 20}, False),
     ("chunk-bottom-right", 1, 7, 129, 8, 4, 64, F32, {}, False),
     ("more-queries-than-keys", 1, 129, 7, 4, 1, 80, F32, {}, True),
     ("window-shorter", 1, 129, 129, 4, 1, 64, BF16, {"sliding_window": 16}, False),
@@ -224,6 +228,9 @@ PAGED_CASES = [
         {"sliding_window": 9, "alibi": "heads"},
     ),
     ("prefill-equal-bs16", 2, 19, 4, 2, 64, BF16, 16, [19, 19], {}),
+    # half-precision decode past 160 batch x keys (torch backend: matmul form, on views of the pool)
+    ("decode-equal-matmul", 4, 1, 9, 3, 64, BF16, 16, [70, 70, 70, 70], {}),
+    ("decode-uneven-matmul", 2, 1, 8, 2, 64, F16, 16, [200, 90], {}),
 ]
 
 
