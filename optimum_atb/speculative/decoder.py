@@ -169,7 +169,8 @@ def speculative_generate(
             drafts, probs, proposed, forwards = draft.propose(view, wanted)
             _sync(device)
             spent = time.perf_counter() - t0
-            policy.observe_draft(forwards, spent)
+            if draft.backlog <= 2:  # a draft that sat idle first caught up on a backlog: not a step's cost
+                policy.observe_draft(forwards, spent)
             stats.draft_time_s += spent
             stats.draft_forwards += forwards
             k = int(proposed.max())

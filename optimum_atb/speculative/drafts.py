@@ -25,6 +25,7 @@ class ModelDraft:
     def __init__(self, model, k_max: int):
         self.model = model
         self.k_max = k_max
+        self.backlog = 0  # committed tokens the last proposal's first forward caught up on (most rows: 1-2)
 
     def start(self, prompt: torch.Tensor, mask: torch.Tensor) -> None:
         """Prefill the draft cache with every prompt token but the last."""
@@ -41,7 +42,7 @@ class ModelDraft:
         """Draft ``counts.max()`` tokens for every row. Returns (drafts, draft_probs | None, counts, forwards)."""
         rows, length = view.rows, view.length
         behind = length - self.cached  # committed tokens the draft has not seen yet (>= 1)
-        width = int(behind.max())
+        width = self.backlog = int(behind.max())
         cols = torch.arange(width, device=length.device)
         ids = view.tokens[rows[:, None], (self.cached[:, None] + cols).clamp(max=view.tokens.shape[1] - 1)]
         logits = self.slots.forward(ids, cols < behind[:, None], keep=width)
@@ -83,6 +84,7 @@ class NgramDraft:
     down to 1) and propose what followed it. A row without a match proposes nothing (and costs nothing)."""
 
     source = "n-gram prompt lookup"
+    backlog = 0  # runs no model: nothing to catch up on
 
     def __init__(self, k_max: int, max_ngram: int = 3):
         self.k_max = k_max

@@ -3,7 +3,9 @@
 Each row keeps decayed counts of accepted draft tokens and of rejections; ``alpha = accepted /
 (accepted + rejections)`` is the maximum-likelihood per-token acceptance of a geometric model. A round
 proposing ``k`` tokens then yields ``(1 - alpha**(k+1)) / (1 - alpha)`` tokens on average and costs
-``target(k+1 tokens per row) + k * draft_step``, both measured while generating. A row drafts the ``k``
+``target(k+1 tokens per row) + k * draft_step``, both measured while generating (the target per forward
+width, see :class:`TargetCostModel`; a draft step only in rounds that follow a drafting round, since a draft
+that sat idle first catches up on every token it missed). A row drafts the ``k``
 in ``0..k_max`` with the best tokens-per-second; ``k = 0`` is plain decoding, so useless drafts switch
 themselves off (a row that stays off probes with one token every ``PROBE_EVERY`` rounds).
 """
@@ -17,39 +19,50 @@ PROBE_EVERY = 16
 
 
 class TargetCostModel:
-    """Target forward time as ``a + b * tokens``: the slope from the prompt prefill and the decayed mean
-    of the verification rounds, or a least-squares line once the rounds vary enough in width;
-    ``0 <= b <= a``."""
+    """Time of a target forward over ``tokens`` tokens (rows x columns), measured while generating.
+
+    Each width seen keeps a decayed mean of its rounds. The cost is not linear in the width on a CPU:
+    up to a few tokens a forward streams the weights once (barely dearer than one token), past that the
+    matmuls become compute-bound (measured on SmolLM2 fp32: 23-26 ms for 1-4 tokens, 46 ms for 5-8). A
+    width not seen yet is estimated optimistically, so that it gets tried once and then measured: as the
+    nearest narrower width seen (a forward is never cheaper than a narrower one), as the narrowest seen
+    below all of them, and above the widest seen growing at the prefill's per-token rate (compute-bound).
+    """
 
     def __init__(self):
-        self.prefill: tuple[float, float] | None = None
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.prefill: tuple[int, float] | None = None
+        self.seen: dict[int, float] = {}
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        self.prefill = (float(tokens), seconds)
+        self.prefill = (tokens, seconds)
 
     def observe(self, tokens: int, seconds: float) -> None:
-        d = 0.9
-        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + tokens, d * self.sy + seconds
-        self.sxx, self.sxy = d * self.sxx + tokens * tokens, d * self.sxy + tokens * seconds
+        old = self.seen.get(tokens)
+        self.seen[tokens] = seconds if old is None else DECAY * old + (1 - DECAY) * seconds
 
-    def line(self) -> tuple[float, float] | None:
-        """(a, b) or None before the first round."""
-        if self.n == 0:
+    def _slope_above(self, widest: int) -> float:
+        """Seconds per token past the widest width seen: the prefill's rate, at most a whole forward."""
+        top = self.seen[widest]
+        if self.prefill is None or self.prefill[0] <= widest:
+            return top / widest
+        return min(max((self.prefill[1] - top) / (self.prefill[0] - widest), 0.0), self.seen[min(self.seen)])
+
+    def cost(self, tokens: list[int]) -> list[float] | None:
+        """Estimated seconds of a forward over each width in `tokens`; None before the first round."""
+        if not self.seen:
             return None
-        mx, my = self.sx / self.n, self.sy / self.n
-        var = self.sxx / self.n - mx * mx
-        if var > 0.25:
-            b = (self.sxy / self.n - mx * my) / var
-        elif self.prefill is not None and self.prefill[0] > mx + 1:
-            b = (self.prefill[1] - my) / (self.prefill[0] - mx)
-        else:
-            b = 0.0
-        a = max(my - max(b, 0.0) * mx, 1e-6)
-        # Timing noise on shared machines can fake a steep slope; an extra verified token never costs
-        # more than a whole decode step (decode is bound by reading the weights once).
-        b = min(max(b, 0.0), a)
-        return max(my - b * mx, 1e-6), b
+        widths = sorted(self.seen)
+        out = []
+        for w in tokens:
+            if w in self.seen:
+                out.append(self.seen[w])
+            elif w < widths[0]:
+                out.append(self.seen[widths[0]])
+            elif w > widths[-1]:
+                out.append(self.seen[widths[-1]] + (w - widths[-1]) * self._slope_above(widths[-1]))
+            else:
+                out.append(self.seen[max(x for x in widths if x < w)])
+        return out
 
 
 class DraftLengthPolicy:
@@ -73,14 +86,13 @@ class DraftLengthPolicy:
         """Draft length of each of `rows` (indices into the whole batch), at most `room` per row."""
         if self.fixed:
             return room.clamp(min=0, max=self.k_max)
-        line = self.target.line()
-        if line is None:  # first round: no timing yet, start moderately
-            k = torch.full_like(room, min(4, self.k_max))
+        active = rows.numel()
+        verify = self.target.cost([active * (k + 1) for k in range(self.k_max + 1)])
+        if verify is None:  # first round: no timing yet; one token times a draft step and a narrow verify
+            k = torch.full_like(room, min(1, self.k_max))
         else:
-            a, b = line
-            active = rows.numel()
             ks = torch.arange(self.k_max + 1, device=room.device, dtype=torch.float32)
-            cost = a + b * active * (ks + 1) + ks * (self.draft_step_s or 0.0)
+            cost = torch.tensor(verify, device=room.device) + ks * (self.draft_step_s or 0.0)
             alpha = (self.accepted[rows] / (self.accepted[rows] + self.rejected[rows])).clamp(max=0.98)
             gain = (1 - alpha[:, None] ** (ks + 1)) / (1 - alpha[:, None])
             k = (gain / cost.clamp(min=1e-9)).argmax(dim=1)

@@ -1,0 +1,95 @@
+"""The adaptive draft length: the target's cost per forward width, the draft's step cost, the choice of k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimum_atb.speculative import attach, drafts, policy
+from optimum_atb.speculative.policy import DraftLengthPolicy, TargetCostModel
+
+from ._tiny import padded_batch, tiny_llama
+
+MS = 1e-3
+
+
+def test_cost_model_widths_seen_unseen_and_beyond():
+    model = TargetCostModel()
+    assert model.cost([1, 2]) is None  # nothing timed yet
+    model.observe_prefill(41, 41 * 3 * MS + 20 * MS)  # 3 ms per token on top of the base cost
+    model.observe(2, 24 * MS)
+    model.observe(5, 46 * MS)
+    slope = (41 * 3 + 20 - 46) / (41 - 5)  # above the widest seen: the prefill's rate past it
+    # unseen narrower widths cost what the nearest narrower seen one costs (the narrowest, below it)
+    want = [24, 24, 24, 24, 46, 46 + slope, 46 + 3 * slope]
+    assert model.cost([1, 2, 3, 4, 5, 6, 8]) == pytest.approx([w * MS for w in want])
+    model.observe(5, 56 * MS)  # a decayed mean: 0.8 * old + 0.2 * new
+    assert model.cost([5]) == pytest.approx([(0.8 * 46 + 0.2 * 56) * MS])
+
+
+def test_cost_model_slope_is_capped_and_defaults_without_prefill():
+    model = TargetCostModel()
+    model.observe(1, 10 * MS)
+    assert model.cost([3]) == pytest.approx([30 * MS])  # no prefill: the seen width's cost per token
+    model.observe_prefill(11, 1.0)  # an absurd prefill: an extra token never costs more than a forward
+    assert model.cost([3]) == pytest.approx([30 * MS])
+
+
+def _policy_with_costs(costs_ms: dict[int, float], draft_ms: float, accepted: float, rejected: float):
+    p = DraftLengthPolicy(1, k_max=8, device=torch.device("cpu"))
+    for width, ms in costs_ms.items():
+        p.target.observe(width, ms * MS)
+    p.observe_draft(1, draft_ms * MS)
+    p.accepted[:] = accepted
+    p.rejected[:] = rejected
+    return p
+
+
+def test_first_round_drafts_one_token():
+    p = DraftLengthPolicy(2, k_max=8, device=torch.device("cpu"))
+    assert p.lengths(torch.arange(2), torch.tensor([50, 50])).tolist() == [1, 1]
+
+
+def test_policy_follows_a_step_shaped_target_cost():
+    """1-4 tokens stream the weights once (cheap), 5+ are compute-bound: with good drafts, k = 3."""
+    step = {w: 24 if w <= 4 else 46 + 2 * (w - 5) for w in range(1, 10)}
+    p = _policy_with_costs(step, draft_ms=12, accepted=19, rejected=1)
+    assert p.lengths(torch.arange(1), torch.tensor([50])).tolist() == [3]
+    linear = {w: 20 + 2 * w for w in range(1, 10)}  # the same drafts with a cost linear in the width
+    p = _policy_with_costs(linear, draft_ms=12, accepted=19, rejected=1)
+    assert p.lengths(torch.arange(1), torch.tensor([50])).item() > 3
+
+
+def test_policy_switches_off_useless_drafts_and_probes():
+    p = _policy_with_costs({1: 24, 2: 25, 3: 26}, draft_ms=12, accepted=0.2, rejected=5)
+    rows, room = torch.arange(1), torch.tensor([50])
+    assert p.lengths(rows, room).item() == 0
+    for _ in range(policy.PROBE_EVERY):
+        p.update(rows, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert p.lengths(rows, room).item() == 1  # a probe after PROBE_EVERY idle rounds
+    assert p.lengths(rows, torch.tensor([0])).item() == 0  # never past the room left
+
+
+def test_catch_up_rounds_do_not_time_the_draft_step(monkeypatch):
+    """After idle rounds the draft's first forward catches up on every token it missed: that round's time
+    is not a draft step's cost (it would make drafting look dearer and keep it switched off)."""
+    target = tiny_llama(64)
+    attach(target)
+    bad_draft = tiny_llama(64, seed=123)  # always wrong: drafting switches off, then probes
+    backlogs, timed = [], []
+    propose, observe = drafts.ModelDraft.propose, DraftLengthPolicy.observe_draft
+
+    def recording_propose(self, view, counts):
+        out = propose(self, view, counts)
+        backlogs.append(self.backlog)
+        return out
+
+    def recording_observe(self, steps, seconds):
+        timed.append(len(backlogs))
+        return observe(self, steps, seconds)
+
+    monkeypatch.setattr(drafts.ModelDraft, "propose", recording_propose)
+    monkeypatch.setattr(DraftLengthPolicy, "observe_draft", recording_observe)
+    target.generate(**padded_batch(64, rows=1), max_new_tokens=60, do_sample=False, assistant_model=bad_draft)
+    assert any(b > 2 for b in backlogs)  # probes after idle rounds happened
+    assert timed == [i + 1 for i, b in enumerate(backlogs) if b <= 2]
