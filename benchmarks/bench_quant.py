@@ -21,8 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from harness import Row, load_smollm2, machine_description, make_inputs, print_rows, setup, time_generate  # noqa: E402
 
+# "int8-g32": int8 with one scale per group of 32 input features (eager only)
 CONFIGS = (
-    "stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1", "int8+compile", "int4+compile", "gguf-q4_1+compile"
+    "stock-fp32", "stock-bf16", "int8", "int8-g32", "int4", "gguf-q4_1", "int8+compile", "int4+compile",
+    "gguf-q4_1+compile",
 )  # fmt: skip
 
 
@@ -68,6 +70,8 @@ def build(config: str):
         model.to_atb(quantize=name, compile=True)
     elif name in ("int8", "int4"):
         optimum_atb.quantize(model, bits=8 if name == "int8" else 4)
+    elif name == "int8-g32":
+        optimum_atb.quantize(model, bits=8, group_size=32)
     return model, tok
 
 

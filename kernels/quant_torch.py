@@ -2,8 +2,11 @@
 
 On CPU the activations are cast to bfloat16 for the packed kernels and the output back to the input
 dtype: an fp32 model quantized here computes its linear layers in bf16 (int8 weights with fp32
-activations are slower than plain fp32, so that path is never taken). Shapes or devices the packed
-kernels do not take fall back to dequantize-then-matmul, with a one-time warning.
+activations are slower than plain fp32, so that path is never taken). Group-wise int8 (torch has no such
+kernel) runs as two int4 kernels over the high and low nibbles of ``q + 128``: with ``s`` the group's
+scale, ``q * s = 16 s ((q + 128) >> 4) - 8) + s (((q + 128) & 15) - 8) + 8 s``, both exact in bf16 for
+a bf16 ``s``. Shapes or devices the packed kernels do not take fall back to dequantize-then-matmul, with
+a one-time warning.
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ def _packed_kernel_reason(qweight, bits, group_size, device) -> str | None:
         return f"torch has no packed {bits}-bit kernel wired up for {device.type} here"
     if k % 16:  # _weight_int8pack_mm crashes (segfault) for in_features % 16 != 0 in torch 2.13
         return f"in_features={k} is not a multiple of 16"
-    if bits == 8 and group_size is not None:
-        return "group-wise int8 (GGUF Q8_0) has no packed CPU kernel"
-    if bits == 4 and n % 16:
+    if (bits == 4 or group_size is not None) and n % 16:
         return f"out_features={n} is not a multiple of 16"
     return None
 
@@ -44,6 +45,16 @@ def prepare(*, qweight, scale, zero, bits, group_size) -> dict:
             f"optimum-atb: {reason}; this quantized layer dequantizes its weight on every call (slower).",
         )
         return {"kind": "dequant", "args": (qweight, scale, zero, bits, group_size)}
+    if bits == 8 and group_size is not None:
+        codes = qweight.to(torch.int32) + 128  # 0..255
+        s, zeros = scale.t(), torch.zeros_like(scale.t())
+        halves = []
+        for nibble, part_scale, part_zero in ((codes >> 4, 16 * s, zeros), (codes & 15, s, 8 * s)):
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibble, 1)
+            halves.append(
+                (packed, torch.stack([part_scale, part_zero], dim=-1).to(_KERNEL_DTYPE).contiguous())
+            )
+        return {"kind": "int8_groups", "halves": halves, "group_size": group_size}
     if bits == 8:
         # _weight_int8pack_mm reads the weight with aligned vector loads for 16+ rows of activations and
         # crashes (segfault, torch 2.13) on a weight that is not 64-byte aligned, as buffers loaded from a
@@ -66,6 +77,11 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
     x2 = x.reshape(-1, shape[-1]).to(_KERNEL_DTYPE)
     if state["kind"] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, state["weight"], state["scale"])
+    elif state["kind"] == "int8_groups":
+        (hi, hi_sz), (lo, lo_sz) = state["halves"]
+        group = state["group_size"]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, hi, group, hi_sz).float()
+        y = y.add_(torch.ops.aten._weight_int4pack_mm_for_cpu(x2, lo, group, lo_sz))
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, state["weight"], state["group_size"], state["scale_zero"]

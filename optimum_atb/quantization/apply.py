@@ -68,8 +68,8 @@ def linears_to_quantize(
 
 
 def check_group_divides(targets: list[QuantTarget]) -> None:
-    for name, layer, bits, group_size in targets:
-        if bits == 4 and layer.in_features % group_size:
+    for name, layer, _, group_size in targets:
+        if group_size is not None and layer.in_features % group_size:
             raise QuantizationError(
                 f"group_size={group_size} does not divide in_features={layer.in_features} of '{name}'; "
                 "choose a group size that divides it, or skip that layer (modules_to_not_convert)."
@@ -106,8 +106,8 @@ def quantize(
 ) -> nn.Module:
     """Quantize `model`'s linear layers in place (weights only) and return it.
 
-    int8: per output channel, symmetric. int4: groups of `group_size` (default 32) input features,
-    asymmetric. ``include_lm_head`` (default True) also quantizes the output projection, always to int8
+    int8: symmetric, per output channel (``group_size=None``, the default and the fastest) or per group of
+    `group_size` input features. int4: groups of `group_size` (default 32) input features, asymmetric. ``include_lm_head`` (default True) also quantizes the output projection, always to int8
     per channel (int4 there costs too much accuracy, see docs/quantization.md); a tied one is untied and
     the input embeddings stay in float. Raises
     :class:`~optimum_atb.errors.QuantizationError` (before changing anything) for unsupported bits or

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import QuantizationError
-from .formats import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, SUPPORTED_BITS
+from .formats import DEFAULT_GROUP_SIZE, GROUP_SIZES, SUPPORTED_BITS
 
 QUANT_METHOD = "atb"
 
@@ -14,17 +14,13 @@ def check_request(bits: int, group_size: int | None) -> int | None:
     """Validate (bits, group_size); returns the group size in force (None for int8: per channel)."""
     if bits not in SUPPORTED_BITS:
         raise QuantizationError(f"bits={bits!r} is not supported; choose 8 (W8A16) or 4 (W4A16).")
-    if bits == 8:
-        if group_size is not None:
-            raise QuantizationError(
-                f"int8 quantization is per output channel; group_size={group_size} is not supported "
-                "(pass group_size=None)."
-            )
-        return None
+    if bits == 8 and group_size is None:
+        return None  # per output channel
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
-    if group_size not in INT4_GROUP_SIZES:
+    if group_size not in GROUP_SIZES:
+        per_channel = " or None (per output channel)" if bits == 8 else ""
         raise QuantizationError(
-            f"int4 group_size={group_size!r} is not supported; choose one of {INT4_GROUP_SIZES}."
+            f"int{bits} group_size={group_size!r} is not supported; choose one of {GROUP_SIZES}{per_channel}."
         )
     return group_size
 
@@ -33,8 +29,10 @@ class AtbQuantConfig(QuantizationConfigMixin):
     """Weight-only quantization by optimum-atb, for ``from_pretrained(..., quantization_config=...)``.
 
     Args:
-        bits: 8 (int8 per output channel, symmetric) or 4 (int4 group-wise, asymmetric).
-        group_size: int4 group size over input features: 32 (default), 64, 128 or 256. None for int8.
+        bits: 8 (int8, symmetric) or 4 (int4 group-wise, asymmetric).
+        group_size: group size over input features: 32, 64, 128 or 256. int4: 32 by default. int8: None
+            (default) for one scale per output channel, the fastest; a group size for one per group
+            (closer to the float model, slower on CPU: see docs/quantization.md).
         include_lm_head: also quantize the output projection, to int8 per channel whatever ``bits`` is
             (default False at load time: it stays in float; a tied one cannot be quantized at load).
         modules_to_not_convert: names (or name suffixes) of linear layers left in float.

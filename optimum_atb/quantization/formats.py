@@ -1,7 +1,7 @@
 """Device-neutral storage formats of quantized weights, and the float64 dequantization that defines them.
 
-int8: ``qweight`` int8 [N, K], symmetric, ``w = qweight * scale[n]`` per output channel (what
-:func:`quantize_int8` makes) or ``w = qweight * scale[n, k // g]`` per group (GGUF Q8_0, g = 32).
+int8: ``qweight`` int8 [N, K], symmetric, ``w = qweight * scale[n]`` per output channel or
+``w = qweight * scale[n, k // g]`` per group of ``g`` input columns (GGUF Q8_0: g = 32); see :func:`quantize_int8`.
 int4: ``qweight`` uint8 [N, K/2] (column ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the high one),
 unsigned codes ``q`` in 0..15, group-wise asymmetric over ``group_size`` input columns:
 ``w = (q - 8) * scale[n, k // g] + zero[n, k // g]`` -- the scale-and-zero convention of torch's int4pack
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (4, 8)
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4pack kernel accepts
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4pack kernel accepts (int8 groups run on it too)
 DEFAULT_GROUP_SIZE = 32
 
 
@@ -37,12 +37,15 @@ def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: returns (qweight int8 [N, K], scale float32 [N])."""
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8, per output channel (scale float32 [N]) or per group of `group_size` input columns
+    (scale [N, K/g]): returns (qweight int8 [N, K], scale)."""
     w = w.detach().float()
-    scale = _bf16_exact(w.abs().amax(dim=1).clamp(min=1e-12) / 127.0)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    n, k = w.shape
+    groups = w.reshape(n, 1 if group_size is None else k // group_size, -1)
+    scale = _bf16_exact(groups.abs().amax(dim=-1).clamp(min=1e-12) / 127.0)
+    q = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
+    return q, scale[:, 0] if group_size is None else scale
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -50,10 +50,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None) -> QuantLinear:
-        """Quantize `linear`'s weight (int8: per output channel; int4: groups of `group_size` columns)."""
+        """Quantize `linear`'s weight (groups of `group_size` input columns; int8 with None: per output channel)."""
         w = linear.weight
         qlayer = cls(
-            linear.in_features, linear.out_features, bits, group_size if bits == 4 else None,
+            linear.in_features, linear.out_features, bits, group_size,
             bias=linear.bias is not None, device=w.device, dtype=w.dtype,
         )  # fmt: skip
         qlayer.set_quantized(*quantize_weight(w, bits, group_size))
@@ -98,5 +98,5 @@ class QuantLinear(nn.Module):
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None):
     """(qweight, scale, zero or None) of a float weight [N, K]."""
     if bits == 8:
-        return (*quantize_int8(w), None)
+        return (*quantize_int8(w, group_size), None)
     return quantize_int4(w, group_size)

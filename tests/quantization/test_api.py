@@ -32,7 +32,7 @@ def saved_float(tmp_path):
     return model, tmp_path / "float"
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, 32), (4, 64)])
 def test_quantize_replaces_decoder_linears_and_lm_head_in_int8(bits, group):
     model = _tiny()
     ids = torch.randint(0, 128, (2, 12))
@@ -40,7 +40,7 @@ def test_quantize_replaces_decoder_linears_and_lm_head_in_int8(bits, group):
     optimum_atb.quantize(model, bits=bits, group_size=group)
     layer = model.model.layers[0]
     for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj):
-        assert isinstance(proj, QuantLinear) and proj.bits == bits
+        assert isinstance(proj, QuantLinear) and (proj.bits, proj.group_size) == (bits, group)
     assert isinstance(model.lm_head, QuantLinear) and (model.lm_head.bits, model.lm_head.group_size) == (
         8,
         None,
@@ -96,7 +96,8 @@ def test_load_time_head_quantization_of_a_tied_model_raises(tmp_path):
     [
         (dict(bits=3), "bits=3"),
         (dict(bits=4, group_size=48), "group_size=48"),
-        (dict(bits=8, group_size=32), "per output channel"),
+        (dict(bits=8, group_size=48), "group_size=48"),
+        (dict(bits=8, group_size=128), "does not divide in_features=64"),
         (dict(bits=4, group_size=128), "does not divide in_features=64"),
     ],
 )
@@ -118,12 +119,14 @@ def test_config_rejects_bad_bits():
         AtbQuantConfig(bits=2)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_from_pretrained_quantizes_at_load_like_quantize(saved_float, bits, tmp_path):
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, None)])
+def test_from_pretrained_quantizes_at_load_like_quantize(saved_float, bits, group, tmp_path):
     model, path = saved_float
     ids = torch.randint(0, 128, (2, 10))
-    expected = _logits(optimum_atb.quantize(model, bits=bits, include_lm_head=False), ids)  # config default
-    loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=AtbQuantConfig(bits=bits)).eval()
+    expected = _logits(optimum_atb.quantize(model, bits=bits, group_size=group, include_lm_head=False), ids)
+    config = AtbQuantConfig(bits=bits, group_size=group)  # include_lm_head defaults to False at load time
+    loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
+    assert loaded.model.layers[1].mlp.up_proj.group_size == (group if bits == 8 else 32)
     assert isinstance(loaded.model.layers[1].mlp.up_proj, QuantLinear)
     assert loaded.model.layers[1].mlp.up_proj.weight.dtype == (torch.int8 if bits == 8 else torch.uint8)
     torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=0)
@@ -131,6 +134,7 @@ def test_from_pretrained_quantizes_at_load_like_quantize(saved_float, bits, tmp_
     loaded.save_pretrained(tmp_path / "quantized")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quantized").eval()
     assert reloaded.config.quantization_config.bits == bits
+    assert reloaded.model.layers[1].mlp.up_proj.group_size == (group if bits == 8 else 32)
     assert isinstance(reloaded.model.layers[0].self_attn.v_proj, QuantLinear)
     torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=0)
     with pytest.raises(QuantizationError, match="already quantized"):

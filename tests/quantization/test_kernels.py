@@ -11,8 +11,9 @@ from optimum_atb.kernels.dispatch import get_kernel
 from optimum_atb.quantization import QuantLinear
 from optimum_atb.quantization.formats import dequantize, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
-# (bits, group_size): int8 per channel, int4 at two group sizes, int8 per group of 32 (GGUF Q8_0)
-FORMATS = [(8, None), (4, 32), (4, 64), (8, 32)]
+# (bits, group_size): int8 per channel, int4 at two group sizes, int8 per group of 32 (random codes and
+# scales, as GGUF Q8_0 has them) and of 64 (quantized by us)
+FORMATS = [(8, None), (4, 32), (4, 64), (8, 32), (8, 64)]
 # bf16 activations (torch CPU kernels, NPU): relative to the output's max magnitude
 BF16_TOL = 2e-2
 
@@ -53,11 +54,17 @@ def test_int4_quantization_error_is_at_most_half_a_step(group):
     assert (err <= step / 2 + 1e-6).all()
 
 
-def test_int8_quantization_error_is_at_most_half_a_step():
+@pytest.mark.parametrize("group", [None, 32])
+def test_int8_quantization_error_is_at_most_half_a_step(group):
     w = torch.randn(32, 128)
-    qweight, scale = quantize_int8(w)
-    err = (dequantize(qweight, scale, None, 8, None) - w.double()).abs()
-    assert (err <= scale.double()[:, None] / 2 + 1e-6).all()
+    w[:, :32] *= 10  # an outlier group: per channel it sets the whole row's step, per group only its own
+    qweight, scale = quantize_int8(w, group)
+    assert scale.shape == ((32,) if group is None else (32, 128 // group))
+    err = (dequantize(qweight, scale, None, 8, group) - w.double()).abs()
+    step = scale.double()[:, None] if group is None else scale.double().repeat_interleave(group, dim=1)
+    assert (err <= step / 2 + 1e-6).all()
+    if group is not None:  # the groups without the outlier get a step about ten times finer
+        assert err[:, 32:].max() < 0.2 * quantize_int8(w)[1].max()
 
 
 @pytest.mark.parametrize("bits,group", FORMATS)
@@ -72,7 +79,12 @@ def test_torch_backend(bits, group, dtype):
 
 
 def test_torch_backend_uses_packed_kernels_for_supported_shapes():
-    for bits, group, kind in [(8, None, "int8"), (4, 32, "int4"), (8, 32, "dequant")]:
+    for bits, group, kind in [
+        (8, None, "int8"),
+        (4, 32, "int4"),
+        (8, 32, "int8_groups"),
+        (8, 64, "int8_groups"),
+    ]:
         layer = _layer(bits, group)
         with optimum_atb.use_backend("torch"):
             layer(torch.randn(1, 128))
