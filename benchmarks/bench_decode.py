@@ -3,6 +3,7 @@ SmolLM2-135M, in one run.
 
 Decode tokens/s excludes the prefill: every step is time-stamped and the rate runs from the first new
 token to the last, the median of ``--repeats`` greedy runs with EOS disabled (see benchmarks/harness.py).
+Stock and the variants alternate run by run, so a drift of the machine's speed hits them alike.
 
     python benchmarks/bench_decode.py                 # fp32 and bf16, batch 1 and 8
     python benchmarks/bench_decode.py --quick         # short version for a shared machine
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,10 +42,17 @@ def measure(
         }
         for batch in batches:
             inputs = harness.make_inputs(tok, batch, prompt_len=prompt_len)
-            base = harness.decode_rate(stock, inputs, new_tokens, repeats)
+            models = {"stock": stock, **variants}
+            for model in models.values():  # warm-up (and the compiled step's compilation), untimed
+                harness.decode_rate(model, inputs, new_tokens, repeats=1)
+            runs = {name: [] for name in models}
+            for _ in range(repeats):
+                for name, model in models.items():
+                    runs[name].append(harness.decode_rate(model, inputs, new_tokens, repeats=1, warmup=False))
+            base = statistics.median(runs["stock"])
             line = f"{dtype_name} batch {batch}: stock {base:.1f} tok/s"
-            for name, model in variants.items():
-                value = harness.decode_rate(model, inputs, new_tokens, repeats)
+            for name in variants:
+                value = statistics.median(runs[name])
                 rows.append(
                     harness.Row(
                         benchmark="decode",

@@ -149,16 +149,19 @@ class _StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def decode_rate(model, inputs: dict, new_tokens: int, repeats: int = 3, **gen_kwargs) -> float:
+def decode_rate(
+    model, inputs: dict, new_tokens: int, repeats: int = 3, warmup: bool = True, **gen_kwargs
+) -> float:
     """Decode tokens/s over all rows, prefill excluded: from the first token's stamp to the last's.
 
     Each generate step is stamped by a stopping criterion, so the prefill (and its run-to-run noise, large
-    at long prompts) never enters the figure. Warm-up once, then the median of `repeats` runs.
+    at long prompts) never enters the figure. One untimed warm-up run (unless ``warmup=False``), then the
+    median of `repeats` runs.
     """
     from transformers import StoppingCriteriaList
 
     batch, rates = inputs["input_ids"].shape[0], []
-    for i in range(repeats + 1):
+    for i in range(repeats + warmup):
         clock = _StepClock()
         with torch.inference_mode():
             model.generate(
@@ -169,7 +172,7 @@ def decode_rate(model, inputs: dict, new_tokens: int, repeats: int = 3, **gen_kw
                 stopping_criteria=StoppingCriteriaList([clock]),
                 **gen_kwargs,
             )
-        if i:  # the first run is the warm-up
+        if i or not warmup:
             steps = len(clock.stamps) - 1
             rates.append(steps * batch / max(clock.stamps[-1] - clock.stamps[0], 1e-9))
     return statistics.median(rates)

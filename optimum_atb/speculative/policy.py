@@ -7,7 +7,8 @@ proposing ``k`` tokens then yields ``(1 - alpha**(k+1)) / (1 - alpha)`` tokens o
 width, see :class:`TargetCostModel`; a draft step only in rounds that follow a drafting round, since a draft
 that sat idle first catches up on every token it missed). A row drafts the ``k``
 in ``0..k_max`` with the best tokens-per-second; ``k = 0`` is plain decoding, so useless drafts switch
-themselves off (a row that stays off probes with one token every ``PROBE_EVERY`` rounds).
+themselves off (a row that stays off probes with one token every ``PROBE_EVERY`` rounds, unless drafting
+could not pay even at the best acceptance: then the target's cost keeps it off, not the draft).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 DECAY = 0.8
 PROBE_EVERY = 16
+MAX_ALPHA = 0.98  # acceptance estimates are capped here (a geometric run never has certain acceptance)
 
 
 class TargetCostModel:
@@ -25,8 +27,8 @@ class TargetCostModel:
     up to a few tokens a forward streams the weights once (barely dearer than one token), past that the
     matmuls become compute-bound (measured on SmolLM2 fp32: 23-26 ms for 1-4 tokens, 46 ms for 5-8). A
     width not seen yet is estimated optimistically, so that it gets tried once and then measured: as the
-    nearest narrower width seen (a forward is never cheaper than a narrower one), as the narrowest seen
-    below all of them, and above the widest seen growing at the prefill's per-token rate (compute-bound).
+    nearest narrower width seen (a forward is never cheaper than a narrower one), in proportion to the
+    narrowest seen below all of them, and above the widest seen growing at the prefill's per-token rate.
     """
 
     def __init__(self):
@@ -57,7 +59,7 @@ class TargetCostModel:
             if w in self.seen:
                 out.append(self.seen[w])
             elif w < widths[0]:
-                out.append(self.seen[widths[0]])
+                out.append(self.seen[widths[0]] * w / widths[0])
             elif w > widths[-1]:
                 out.append(self.seen[widths[-1]] + (w - widths[-1]) * self._slope_above(widths[-1]))
             else:
@@ -93,12 +95,20 @@ class DraftLengthPolicy:
         else:
             ks = torch.arange(self.k_max + 1, device=room.device, dtype=torch.float32)
             cost = torch.tensor(verify, device=room.device) + ks * (self.draft_step_s or 0.0)
-            alpha = (self.accepted[rows] / (self.accepted[rows] + self.rejected[rows])).clamp(max=0.98)
-            gain = (1 - alpha[:, None] ** (ks + 1)) / (1 - alpha[:, None])
-            k = (gain / cost.clamp(min=1e-9)).argmax(dim=1)
-            probe = (k == 0) & (self.idle[rows] >= PROBE_EVERY)
+            alpha = (self.accepted[rows] / (self.accepted[rows] + self.rejected[rows])).clamp(max=MAX_ALPHA)
+            k = self._best(alpha, ks, cost)
+            # Probe a row that stays off, unless drafting would not pay even if every draft were accepted
+            # (then the target's cost, not the draft's quality, keeps it off, and a probe only costs).
+            could_pay = bool(self._best(torch.full((1,), MAX_ALPHA), ks, cost).item() > 0)
+            probe = (k == 0) & (self.idle[rows] >= PROBE_EVERY) & could_pay
             k = torch.where(probe, torch.ones_like(k), k)
         return torch.minimum(k, room.clamp(min=0))
+
+    @staticmethod
+    def _best(alpha: torch.Tensor, ks: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+        """The k with the most expected tokens per second for each acceptance in `alpha`."""
+        gain = (1 - alpha[:, None] ** (ks + 1)) / (1 - alpha[:, None])
+        return (gain / cost.clamp(min=1e-9)).argmax(dim=1)
 
     def update(self, rows: torch.Tensor, proposed: torch.Tensor, accepted: torch.Tensor) -> None:
         """Record a round: rows that proposed nothing keep their history (and count idle rounds)."""

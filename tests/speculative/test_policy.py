@@ -20,8 +20,8 @@ def test_cost_model_widths_seen_unseen_and_beyond():
     model.observe(2, 24 * MS)
     model.observe(5, 46 * MS)
     slope = (41 * 3 + 20 - 46) / (41 - 5)  # above the widest seen: the prefill's rate past it
-    # unseen narrower widths cost what the nearest narrower seen one costs (the narrowest, below it)
-    want = [24, 24, 24, 24, 46, 46 + slope, 46 + 3 * slope]
+    # unseen widths cost what the nearest narrower seen one costs; below the narrowest, in proportion
+    want = [12, 24, 24, 24, 46, 46 + slope, 46 + 3 * slope]
     assert model.cost([1, 2, 3, 4, 5, 6, 8]) == pytest.approx([w * MS for w in want])
     model.observe(5, 56 * MS)  # a decayed mean: 0.8 * old + 0.2 * new
     assert model.cost([5]) == pytest.approx([(0.8 * 46 + 0.2 * 56) * MS])
@@ -60,6 +60,15 @@ def test_policy_follows_a_step_shaped_target_cost():
     assert p.lengths(torch.arange(1), torch.tensor([50])).item() > 3
 
 
+def test_a_width_narrower_than_any_seen_gets_tried():
+    """Batch 4 starts with k=1 (8 tokens); plain decoding (4 tokens) must not be assumed as dear as that."""
+    p = DraftLengthPolicy(4, k_max=8, device=torch.device("cpu"))
+    p.target.observe(8, 46 * MS)
+    p.observe_draft(1, 15 * MS)
+    p.accepted[:], p.rejected[:] = 9, 1
+    assert p.lengths(torch.arange(4), torch.full((4,), 50)).tolist() == [0, 0, 0, 0]
+
+
 def test_policy_switches_off_useless_drafts_and_probes():
     p = _policy_with_costs({1: 24, 2: 25, 3: 26}, draft_ms=12, accepted=0.2, rejected=5)
     rows, room = torch.arange(1), torch.tensor([50])
@@ -70,12 +79,22 @@ def test_policy_switches_off_useless_drafts_and_probes():
     assert p.lengths(rows, torch.tensor([0])).item() == 0  # never past the room left
 
 
+def test_no_probe_when_drafting_cannot_pay():
+    """When even accepted drafts lose (a verify of 2 tokens costs twice one), probing only wastes time."""
+    p = _policy_with_costs({1: 24, 2: 48, 3: 72}, draft_ms=12, accepted=0.2, rejected=5)
+    rows = torch.arange(1)
+    for _ in range(policy.PROBE_EVERY):
+        p.update(rows, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert p.lengths(rows, torch.tensor([50])).item() == 0
+
+
 def test_catch_up_rounds_do_not_time_the_draft_step(monkeypatch):
     """After idle rounds the draft's first forward catches up on every token it missed: that round's time
     is not a draft step's cost (it would make drafting look dearer and keep it switched off)."""
-    target = tiny_llama(64)
+    target = tiny_llama(64, layers=8)
     attach(target)
-    bad_draft = tiny_llama(64, seed=123)  # always wrong: drafting switches off, then probes
+    # always wrong, and cheap enough that good drafts would pay: drafting switches off, then probes
+    bad_draft = tiny_llama(64, seed=123, layers=1)
     backlogs, timed = [], []
     propose, observe = drafts.ModelDraft.propose, DraftLengthPolicy.observe_draft
 
