@@ -4,7 +4,7 @@ On CPU the activations are cast to bfloat16 for the packed kernels and the outpu
 dtype: an fp32 model quantized here computes its linear layers in bf16 (int8 weights with fp32
 activations are slower than plain fp32, so that path is never taken). Group-wise int8 (torch has no such
 kernel) runs as two int4 kernels over the high and low nibbles of ``q + 128``: with ``s`` the group's
-scale, ``q * s = 16 s ((q + 128) >> 4) - 8) + s (((q + 128) & 15) - 8) + 8 s``, both exact in bf16 for
+scale, ``q * s = 16 s (((q + 128) >> 4) - 8) + s (((q + 128) & 15) - 8) + 8 s``, both exact in bf16 for
 a bf16 ``s``. Shapes or devices the packed kernels do not take fall back to dequantize-then-matmul, with
 a one-time warning.
 """

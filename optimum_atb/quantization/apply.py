@@ -107,8 +107,8 @@ def quantize(
     """Quantize `model`'s linear layers in place (weights only) and return it.
 
     int8: symmetric, per output channel (``group_size=None``, the default and the fastest) or per group of
-    `group_size` input features. int4: groups of `group_size` (default 32) input features, asymmetric. ``include_lm_head`` (default True) also quantizes the output projection, always to int8
-    per channel (int4 there costs too much accuracy, see docs/quantization.md); a tied one is untied and
+    `group_size` input features. int4: groups of `group_size` (default 32) input features, asymmetric.
+    ``include_lm_head`` (default True) also quantizes the output projection, always to int8 per channel (int4 there costs too much accuracy, see docs/quantization.md); a tied one is untied and
     the input embeddings stay in float. Raises
     :class:`~optimum_atb.errors.QuantizationError` (before changing anything) for unsupported bits or
     group size, a group size that does not divide a layer's input features, or an already quantized model.

@@ -1,7 +1,8 @@
 """Device-neutral storage formats of quantized weights, and the float64 dequantization that defines them.
 
 int8: ``qweight`` int8 [N, K], symmetric, ``w = qweight * scale[n]`` per output channel or
-``w = qweight * scale[n, k // g]`` per group of ``g`` input columns (GGUF Q8_0: g = 32); see :func:`quantize_int8`.
+``w = qweight * scale[n, k // g]`` per group of ``g`` input columns (GGUF Q8_0: g = 32); see
+:func:`quantize_int8`.
 int4: ``qweight`` uint8 [N, K/2] (column ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the high one),
 unsigned codes ``q`` in 0..15, group-wise asymmetric over ``group_size`` input columns:
 ``w = (q - 8) * scale[n, k // g] + zero[n, k // g]`` -- the scale-and-zero convention of torch's int4pack

@@ -50,7 +50,8 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None) -> QuantLinear:
-        """Quantize `linear`'s weight (groups of `group_size` input columns; int8 with None: per output channel)."""
+        """Quantize `linear`'s weight over groups of `group_size` input columns (int8 with None: per
+        output channel)."""
         w = linear.weight
         qlayer = cls(
             linear.in_features, linear.out_features, bits, group_size,

@@ -4,8 +4,8 @@ Each row keeps decayed counts of accepted draft tokens and of rejections; ``alph
 (accepted + rejections)`` is the maximum-likelihood per-token acceptance of a geometric model. A round
 proposing ``k`` tokens then yields ``(1 - alpha**(k+1)) / (1 - alpha)`` tokens on average and costs
 ``target(k+1 tokens per row) + k * draft_step``, both measured while generating (the target per forward
-width, see :class:`TargetCostModel`; a draft step only in rounds that follow a drafting round, since a draft
-that sat idle first catches up on every token it missed). A row drafts the ``k``
+width, see :class:`TargetCostModel`; the draft step only in rounds whose first draft forward caught up on at
+most two tokens: a draft that sat idle first catches up on every token it missed). A row drafts the ``k``
 in ``0..k_max`` with the best tokens-per-second; ``k = 0`` is plain decoding, so useless drafts switch
 themselves off (a row that stays off probes with one token every ``PROBE_EVERY`` rounds, unless drafting
 could not pay even at the best acceptance: then the target's cost keeps it off, not the draft).
