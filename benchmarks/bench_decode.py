@@ -43,8 +43,8 @@ def measure(
         for batch in batches:
             inputs = harness.make_inputs(tok, batch, prompt_len=prompt_len)
             models = {"stock": stock, **variants}
-            for model in models.values():  # warm-up (and the compiled step's compilation), untimed
-                harness.decode_rate(model, inputs, new_tokens, repeats=1)
+            for model in models.values():  # one warm-up run each (compiles the compiled step), result unused
+                harness.decode_rate(model, inputs, new_tokens, repeats=1, warmup=False)
             runs = {name: [] for name in models}
             for _ in range(repeats):
                 for name, model in models.items():

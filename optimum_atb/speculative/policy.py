@@ -99,9 +99,9 @@ class DraftLengthPolicy:
             k = self._best(alpha, ks, cost)
             # Probe a row that stays off, unless drafting would not pay even if every draft were accepted
             # (then the target's cost, not the draft's quality, keeps it off, and a probe only costs).
-            could_pay = bool(self._best(torch.full((1,), MAX_ALPHA), ks, cost).item() > 0)
-            probe = (k == 0) & (self.idle[rows] >= PROBE_EVERY) & could_pay
-            k = torch.where(probe, torch.ones_like(k), k)
+            probe = (k == 0) & (self.idle[rows] >= PROBE_EVERY)
+            if probe.any() and self._best(torch.full((1,), MAX_ALPHA, device=ks.device), ks, cost).item() > 0:
+                k = torch.where(probe, torch.ones_like(k), k)
         return torch.minimum(k, room.clamp(min=0))
 
     @staticmethod
