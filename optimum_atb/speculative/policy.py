@@ -7,8 +7,9 @@ proposing ``k`` tokens then yields ``(1 - alpha**(k+1)) / (1 - alpha)`` tokens o
 width, see :class:`TargetCostModel`; the draft step only in rounds whose first draft forward caught up on at
 most two tokens: a draft that sat idle first catches up on every token it missed). A row drafts the ``k``
 in ``0..k_max`` with the best tokens-per-second; ``k = 0`` is plain decoding, so useless drafts switch
-themselves off (a row that stays off probes with one token every ``PROBE_EVERY`` rounds, unless drafting
-could not pay even at the best acceptance: then the target's cost keeps it off, not the draft).
+themselves off (a row that stays off probes with one token after ``PROBE_EVERY`` idle rounds, then after
+twice as many each time until it drafts by choice again; no probe when drafting could not pay even at the
+best acceptance: then the target's cost keeps it off, not the draft).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class DraftLengthPolicy:
         self.accepted = torch.full((batch,), 2.0, device=device)
         self.rejected = torch.ones(batch, device=device)
         self.idle = torch.zeros(batch, dtype=torch.long, device=device)
+        self.probe_every = torch.full((batch,), PROBE_EVERY, dtype=torch.long, device=device)
         self.target = TargetCostModel()
         self.draft_step_s: float | None = None
 
@@ -99,9 +101,15 @@ class DraftLengthPolicy:
             k = self._best(alpha, ks, cost)
             # Probe a row that stays off, unless drafting would not pay even if every draft were accepted
             # (then the target's cost, not the draft's quality, keeps it off, and a probe only costs).
-            probe = (k == 0) & (self.idle[rows] >= PROBE_EVERY)
+            # Each probe doubles the row's wait before the next one (a probe after idle rounds makes a draft
+            # model catch up on every token it missed); drafting by choice resets it.
+            every = self.probe_every[rows]
+            probe = (k == 0) & (self.idle[rows] >= every)
             if probe.any() and self._best(torch.full((1,), MAX_ALPHA, device=ks.device), ks, cost).item() > 0:
+                self.probe_every[rows] = torch.where(probe, 2 * every, torch.where(k > 0, PROBE_EVERY, every))
                 k = torch.where(probe, torch.ones_like(k), k)
+            else:
+                self.probe_every[rows] = torch.where(k > 0, PROBE_EVERY, every)
         return torch.minimum(k, room.clamp(min=0))
 
     @staticmethod
