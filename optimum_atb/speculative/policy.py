@@ -7,9 +7,9 @@ proposing ``k`` tokens then yields ``(1 - alpha**(k+1)) / (1 - alpha)`` tokens o
 width, see :class:`TargetCostModel`; the draft step only in rounds whose first draft forward caught up on at
 most two tokens: a draft that sat idle first catches up on every token it missed). A row drafts the ``k``
 in ``0..k_max`` with the best tokens-per-second; ``k = 0`` is plain decoding, so useless drafts switch
-themselves off (a row that stays off probes with one token after ``PROBE_EVERY`` idle rounds, then after
-twice as many each time until it drafts by choice again; no probe when drafting could not pay even at the
-best acceptance: then the target's cost keeps it off, not the draft).
+themselves off (a row that stays off probes with one token after ``PROBE_EVERY`` idle rounds, twice as many
+after each rejected probe, back to ``PROBE_EVERY`` after a fully accepted round; no probe when drafting
+could not pay even at the best acceptance: then the target's cost keeps it off, not the draft).
 """
 
 from __future__ import annotations
@@ -101,15 +101,9 @@ class DraftLengthPolicy:
             k = self._best(alpha, ks, cost)
             # Probe a row that stays off, unless drafting would not pay even if every draft were accepted
             # (then the target's cost, not the draft's quality, keeps it off, and a probe only costs).
-            # Each probe doubles the row's wait before the next one (a probe after idle rounds makes a draft
-            # model catch up on every token it missed); drafting by choice resets it.
-            every = self.probe_every[rows]
-            probe = (k == 0) & (self.idle[rows] >= every)
+            probe = (k == 0) & (self.idle[rows] >= self.probe_every[rows])
             if probe.any() and self._best(torch.full((1,), MAX_ALPHA, device=ks.device), ks, cost).item() > 0:
-                self.probe_every[rows] = torch.where(probe, 2 * every, torch.where(k > 0, PROBE_EVERY, every))
                 k = torch.where(probe, torch.ones_like(k), k)
-            else:
-                self.probe_every[rows] = torch.where(k > 0, PROBE_EVERY, every)
         return torch.minimum(k, room.clamp(min=0))
 
     @staticmethod
@@ -121,6 +115,13 @@ class DraftLengthPolicy:
     def update(self, rows: torch.Tensor, proposed: torch.Tensor, accepted: torch.Tensor) -> None:
         """Record a round: rows that proposed nothing keep their history (and count idle rounds)."""
         drafted = proposed > 0
+        # A rejected probe doubles the row's wait before the next one (a probe after idle rounds makes a
+        # draft model catch up on every token it missed); a fully accepted round resets it.
+        every, rejected = self.probe_every[rows], accepted < proposed
+        was_probe = drafted & (self.idle[rows] >= every)
+        self.probe_every[rows] = torch.where(
+            drafted & ~rejected, PROBE_EVERY, torch.where(was_probe & rejected, 2 * every, every)
+        )
         a = self.accepted[rows]
         r = self.rejected[rows]
         self.accepted[rows] = torch.where(drafted, DECAY * a + accepted, a)

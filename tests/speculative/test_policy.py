@@ -79,7 +79,7 @@ def test_policy_switches_off_useless_drafts_and_probes():
     assert p.lengths(rows, torch.tensor([0])).item() == 0  # never past the room left
 
 
-def test_probes_back_off_until_drafting_pays_again():
+def test_rejected_probes_back_off_accepted_ones_reset():
     p = _policy_with_costs({1: 24, 2: 25, 3: 26}, draft_ms=12, accepted=0.2, rejected=5)
     rows, room, none = torch.arange(1), torch.tensor([50]), torch.zeros(1, dtype=torch.long)
     probes = []
@@ -90,8 +90,11 @@ def test_probes_back_off_until_drafting_pays_again():
         p.update(rows, k, none)  # every probe fails
     e = policy.PROBE_EVERY
     assert probes == [e, e + 1 + 2 * e, e + 1 + 2 * e + 1 + 4 * e]  # waits of 16, 32, 64 idle rounds
-    p.accepted[:], p.rejected[:] = 19, 1  # the draft turns good: drafting by choice resets the wait
-    assert p.lengths(rows, room).item() > 0 and p.probe_every.item() == e
+    p.accepted[:], p.rejected[:] = 19, 1  # the draft turns good: a fully accepted round resets the wait
+    k = p.lengths(rows, room)
+    assert k.item() > 0
+    p.update(rows, k, k)
+    assert p.probe_every.item() == e
 
 
 def test_no_probe_when_drafting_cannot_pay():
