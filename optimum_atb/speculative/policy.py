@@ -117,13 +117,13 @@ class DraftLengthPolicy:
         drafted = proposed > 0
         # A rejected probe doubles the row's wait before the next one (a probe after idle rounds makes a
         # draft model catch up on every token it missed); a fully accepted round resets it.
-        every, rejected = self.probe_every[rows], accepted < proposed
+        every, missed = self.probe_every[rows], accepted < proposed
         was_probe = drafted & (self.idle[rows] >= every)
         self.probe_every[rows] = torch.where(
-            drafted & ~rejected, PROBE_EVERY, torch.where(was_probe & rejected, 2 * every, every)
+            drafted & ~missed, PROBE_EVERY, torch.where(was_probe & missed, 2 * every, every)
         )
         a = self.accepted[rows]
         r = self.rejected[rows]
         self.accepted[rows] = torch.where(drafted, DECAY * a + accepted, a)
-        self.rejected[rows] = torch.where(drafted, DECAY * r + (accepted < proposed).float(), r)
+        self.rejected[rows] = torch.where(drafted, DECAY * r + missed.float(), r)
         self.idle[rows] = torch.where(drafted, torch.zeros_like(self.idle[rows]), self.idle[rows] + 1)
