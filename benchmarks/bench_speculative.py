@@ -5,6 +5,8 @@ Per target dtype (fp32, bf16) and prompt kind (text continuation, chat template)
 and batch 4 with the int4 self-draft against stock batch-4 greedy. The speculative rows run the way the
 plugin is used: the target converted with ``to_atb()``, then ``generate(assistant_model=...)``; the row
 "to_atb() greedy" gives the converted target alone, so the share of the speed-up due to speculation shows.
+The full run adds the compiled form: target ``to_atb(compile=True)``, draft ``draft_from(..., compile=True)``
+(verify and draft steps through torch.compile; the warm-up run compiles them), and that target alone.
 Acceptance (accepted / proposed draft tokens) and tokens per target forward are printed beside every
 speculative figure. ``--quick``: fp32 only, 48 new tokens, one timed run (a smoke test, not a result).
 
@@ -33,10 +35,13 @@ def measure(model, inputs, new_tokens, repeats, **gen_kwargs):
     return timing.tokens_per_s, getattr(model, "atb_speculative_stats", None)
 
 
-def bench_dtype(dtype, kinds, new_tokens, repeats, batch4: bool):
+def bench_dtype(dtype, kinds, new_tokens, repeats, batch4: bool, compiled: bool):
     model, tok = harness.load_smollm2(dtype)
     draft = optimum_atb.draft_from(model, quantize="int4")
     target = copy.deepcopy(model).to_atb()  # attaches the speculative decoder
+    if compiled:  # verify and draft steps through torch.compile (warm-up runs compile them)
+        ctarget = copy.deepcopy(model).to_atb(compile=True)
+        cdraft = optimum_atb.draft_from(ctarget, quantize="int4", compile=True)
     results = []
 
     def add(name, config, base_name, base, value, stats):
@@ -57,6 +62,11 @@ def bench_dtype(dtype, kinds, new_tokens, repeats, batch4: bool):
         add(f"{dname} b1 {kind}", "to_atb() greedy", "stock greedy", plain, converted, None)
         spec, stats = measure(target, inputs, new_tokens, repeats, assistant_model=draft)
         add(f"{dname} b1 {kind}", "int4 self-draft", "stock greedy", plain, spec, stats)
+        if compiled:
+            alone, _ = measure(ctarget, inputs, new_tokens, repeats)
+            add(f"{dname} b1 {kind}", "to_atb(compile=True) greedy", "stock greedy", plain, alone, None)
+            spec, stats = measure(ctarget, inputs, new_tokens, repeats, assistant_model=cdraft)
+            add(f"{dname} b1 {kind}", "int4 self-draft, compiled", "stock greedy", plain, spec, stats)
         ngram, stats = measure(target, inputs, new_tokens, repeats, prompt_lookup_num_tokens=10)
         add(f"{dname} b1 {kind}", "n-gram (ours, k<=10)", "stock greedy", plain, ngram, stats)
         add(f"{dname} b1 {kind}", "n-gram (ours, k<=10)", "stock prompt lookup", stock_lookup, ngram, stats)
@@ -65,6 +75,9 @@ def bench_dtype(dtype, kinds, new_tokens, repeats, batch4: bool):
         plain, _ = measure(model, inputs, new_tokens, repeats)
         spec, stats = measure(target, inputs, new_tokens, repeats, assistant_model=draft)
         add(f"{dname} b4 text", "int4 self-draft", "stock greedy", plain, spec, stats)
+        if compiled:
+            spec, stats = measure(ctarget, inputs, new_tokens, repeats, assistant_model=cdraft)
+            add(f"{dname} b4 text", "int4 self-draft, compiled", "stock greedy", plain, spec, stats)
     return results
 
 
@@ -79,7 +92,9 @@ def run(suite: str = "quick", device: str = "cpu", new_tokens: int | None = None
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     rows = []
     for dtype in dtypes:
-        rows += bench_dtype(dtype, ["text", "chat"], new_tokens, repeats, batch4=dtype == torch.float32)
+        rows += bench_dtype(
+            dtype, ["text", "chat"], new_tokens, repeats, batch4=dtype == torch.float32, compiled=not quick
+        )
     return rows
 
 

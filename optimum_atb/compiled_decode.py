@@ -50,6 +50,9 @@ def enable(model: nn.Module) -> dict:
     compile_config._compile_all_devices = True
     config.compile_config = compile_config
     config.cache_implementation = "static"
+    from .speculative.static_slots import attach_compiled
+
+    attach_compiled(model)  # the speculative decoder's verify forwards (docs/speculative.md)
     logger.warning(
         "optimum-atb: generate() now decodes with a compiled step; the first call for a new batch size "
         "or a longer cache compiles it (about 20-30 s for a 135M model on a 2-core CPU)."
@@ -62,5 +65,7 @@ def disable(model: nn.Module, saved: dict) -> None:
     config = model.generation_config
     for key, value in saved.items():
         setattr(config, key, value)
-    for attr in ("_compiled_call", "_last_compile_config"):
+    from .speculative.static_slots import COMPILED_ATTR
+
+    for attr in ("_compiled_call", "_last_compile_config", COMPILED_ATTR):
         model.__dict__.pop(attr, None)

@@ -3,9 +3,17 @@ length. Draft sources: any causal LM with the target's vocabulary, a quantized c
 (:func:`draft_from`), or n-gram prompt lookup. See docs/speculative.md.
 """
 
-from .drafts import draft_from
+from .drafts import compile_draft, draft_from
 from .errors import SpeculativeDecodingError
 from .hooks import attach, detach, is_attached
 from .stats import SpeculativeStats
 
-__all__ = ["SpeculativeDecodingError", "SpeculativeStats", "attach", "detach", "draft_from", "is_attached"]
+__all__ = [
+    "SpeculativeDecodingError",
+    "SpeculativeStats",
+    "attach",
+    "compile_draft",
+    "detach",
+    "draft_from",
+    "is_attached",
+]

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
@@ -28,6 +28,7 @@ from transformers.generation.logits_process import (
 from .errors import SpeculativeDecodingError
 from .policy import DraftLengthPolicy
 from .slots import SlotCache
+from .static_slots import StaticSlotCache, capacity_for, compiled_forward
 from .stats import SpeculativeStats
 from .verify import accept_greedy, accept_sampled
 
@@ -127,9 +128,7 @@ def speculative_generate(
     mask = model_kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask.to(torch.long)
     cache = model_kwargs.get("cache")
-    if cache is None:
-        cache = DynamicCache(config=model.config)
-    elif cache.get_seq_length() > 0:
+    if cache is not None and cache.get_seq_length() > 0:
         raise SpeculativeDecodingError("speculative decoding starts from an empty cache")
     pad = generation_config._pad_token_tensor
     pad_id = int(pad) if pad is not None else 0
@@ -145,14 +144,20 @@ def speculative_generate(
     active = torch.arange(batch, device=device)
 
     # Prefill every prompt token but the last: each round feeds the last committed token plus drafts.
-    target = SlotCache(model, cache, batch, device)
+    compiled = compiled_forward(model)  # to_atb(compile=True)
+    if compiled is not None and (cache is None or isinstance(cache, StaticCache)):
+        target = StaticSlotCache(model, compiled, batch, capacity_for(max_length, draft.k_max), device)
+    else:
+        target = SlotCache(
+            model, cache if cache is not None else DynamicCache(config=model.config), batch, device
+        )
     if prompt_len > 1:
         t0 = time.perf_counter()
         target.forward(input_ids[:, :-1], mask[:, :-1], keep=1)
         _sync(device)
         policy.target.observe_prefill(batch * (prompt_len - 1), time.perf_counter() - t0)
     t0 = time.perf_counter()
-    draft.start(input_ids, mask)
+    draft.start(input_ids, mask, max_length)
     stats.draft_time_s += time.perf_counter() - t0
 
     while active.numel():
@@ -169,7 +174,7 @@ def speculative_generate(
             drafts, probs, proposed, forwards = draft.propose(view, wanted)
             _sync(device)
             spent = time.perf_counter() - t0
-            if draft.backlog <= 2:  # a draft that sat idle first caught up on a backlog: not a step's cost
+            if draft.timed:  # not after catching up on a backlog or compiling
                 policy.observe_draft(forwards, spent)
             stats.draft_time_s += spent
             stats.draft_forwards += forwards
@@ -191,7 +196,8 @@ def speculative_generate(
         tokens[active, view.length + accepted] = bonus
         _sync(device)
         spent = time.perf_counter() - t0
-        policy.target.observe(active.numel() * (k + 1), spent)
+        if not getattr(target, "new_graph", False):  # compile time is not a verify's cost
+            policy.target.observe(active.numel() * (k + 1), spent)
         stats.verify_time_s += spent
 
         target.truncate(before + 1 + accepted)

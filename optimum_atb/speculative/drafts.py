@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from .slots import SlotCache
+from .static_slots import COMPILED_ATTR, StaticSlotCache, attach_compiled, capacity_for, compiled_forward
 
 
 class ModelDraft:
@@ -26,12 +27,18 @@ class ModelDraft:
         self.model = model
         self.k_max = k_max
         self.backlog = 0  # committed tokens the last proposal's first forward caught up on (most rows: 1-2)
+        self.timed = True  # whether the last proposal's time is a draft step's cost (see propose)
 
-    def start(self, prompt: torch.Tensor, mask: torch.Tensor) -> None:
-        """Prefill the draft cache with every prompt token but the last."""
-        self.slots = SlotCache(
-            self.model, DynamicCache(config=self.model.config), prompt.shape[0], prompt.device
-        )
+    def start(self, prompt: torch.Tensor, mask: torch.Tensor, max_length: int) -> None:
+        """Prefill the draft cache with every prompt token but the last (`max_length`: the longest a row
+        can grow, prompt included)."""
+        batch = prompt.shape[0]
+        compiled = compiled_forward(self.model)
+        if compiled is not None:
+            capacity = capacity_for(max_length, self.k_max)
+            self.slots = StaticSlotCache(self.model, compiled, batch, capacity, prompt.device)
+        else:
+            self.slots = SlotCache(self.model, DynamicCache(config=self.model.config), batch, prompt.device)
         self.cached = torch.zeros(prompt.shape[0], dtype=torch.long, device=prompt.device)
         if prompt.shape[1] > 1:
             self.slots.forward(prompt[:, :-1], mask[:, :-1], keep=1)
@@ -46,6 +53,7 @@ class ModelDraft:
         cols = torch.arange(width, device=length.device)
         ids = view.tokens[rows[:, None], (self.cached[:, None] + cols).clamp(max=view.tokens.shape[1] - 1)]
         logits = self.slots.forward(ids, cols < behind[:, None], keep=width)
+        compiled_now = getattr(self.slots, "new_graph", False)
         last = logits[torch.arange(rows.numel(), device=rows.device), behind - 1]
         self.cached = length.clone()
         self.first_draft = self.slots.lengths.clone()
@@ -66,7 +74,10 @@ class ModelDraft:
             view.tokens[rows, length + j] = token
             if j + 1 < k:
                 last = self.slots.forward(token[:, None], ones, keep=1)[:, 0]
+                compiled_now = compiled_now or getattr(self.slots, "new_graph", False)
         self.drafted = k
+        # Not a step's cost: catching up on a backlog after idle rounds, or compiling a graph.
+        self.timed = self.backlog <= 2 and not compiled_now
         return drafts, torch.stack(probs, dim=1) if probs else None, counts, k
 
     def commit(self, accepted: torch.Tensor) -> None:
@@ -84,13 +95,13 @@ class NgramDraft:
     down to 1) and propose what followed it. A row without a match proposes nothing (and costs nothing)."""
 
     source = "n-gram prompt lookup"
-    backlog = 0  # runs no model: nothing to catch up on
+    timed = True  # runs no model: nothing to catch up on or compile
 
     def __init__(self, k_max: int, max_ngram: int = 3):
         self.k_max = k_max
         self.max_ngram = max_ngram
 
-    def start(self, prompt: torch.Tensor, mask: torch.Tensor) -> None:
+    def start(self, prompt: torch.Tensor, mask: torch.Tensor, max_length: int) -> None:
         pass
 
     def _lookup(self, seq: np.ndarray, limit: int) -> np.ndarray:
@@ -129,19 +140,50 @@ class NgramDraft:
         pass
 
 
-def draft_from(model, quantize: str = "int4", group_size: int = 32, include_lm_head: bool = True):
+def compile_draft(model):
+    """Make `model`, used as ``assistant_model``, draft through compiled static-shape steps and return it.
+
+    The draft's forwards then run through ``torch.compile`` on a static cache (:mod:`.static_slots`): on
+    a CPU this removes most of the Python and dispatch cost of a small draft's step. The first
+    ``generate`` per batch size compiles two graphs (30-50 s each for SmolLM2-135M on a 2-core CPU); their
+    time is not counted as draft cost by the adaptive draft length. Give it a model
+    converted with ``to_atb()`` (its single-query attention avoids SDPA's slow CPU path in half precision).
+    Raises :class:`~optimum_atb.BackendUnavailableError` when no C++ compiler is installed (CPU).
+    """
+    from ..compiled_decode import check_compiler
+
+    check_compiler(next(model.parameters()).device)
+    attach_compiled(model)
+    return model
+
+
+def draft_from(
+    model, quantize: str = "int4", group_size: int = 32, include_lm_head: bool = True, compile: bool = False
+):
     """A weight-quantized copy of `model` to use as its own draft: ``generate(assistant_model=draft)``.
 
     ``quantize`` is ``"int4"`` or ``"int8"``; the output projection is quantized too by default (a
-    draft trades a little acceptance for speed). `model` itself is left untouched.
+    draft trades a little acceptance for speed). ``compile``: the copy is converted with ``to_atb()``
+    (when `model` is not) and drafts through compiled steps (:func:`compile_draft`). `model` itself is
+    left untouched.
     """
     bits = {"int4": 4, "int8": 8}.get(quantize)
     if bits is None:
         raise ValueError(f"quantize must be 'int4' or 'int8', got {quantize!r}")
+    if compile:
+        from ..compiled_decode import check_compiler
+
+        check_compiler(next(model.parameters()).device)
+    from ..convert import to_atb
     from ..quantization import quantize as quantize_model
 
     draft = copy.deepcopy(model)
+    if compile:
+        to_atb(draft)  # no-op when `model` was converted already
     quantized = quantize_model(
         draft, bits=bits, group_size=group_size if bits == 4 else None, include_lm_head=include_lm_head
     )
-    return (quantized if quantized is not None else draft).eval()
+    draft = (quantized if quantized is not None else draft).eval()
+    if not compile:
+        draft.__dict__.pop(COMPILED_ATTR, None)  # copied from a target converted with compile=True
+    return compile_draft(draft) if compile else draft

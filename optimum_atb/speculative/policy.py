@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 DECAY = 0.8
-PROBE_EVERY = 16
+PROBE_EVERY = 4  # idle rounds before a probe; doubles after each rejected probe
 MAX_ALPHA = 0.98  # acceptance estimates are capped here (a geometric run never has certain acceptance)
 
 

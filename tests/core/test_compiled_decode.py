@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -78,3 +79,23 @@ def test_missing_compiler_raises_before_converting(monkeypatch):
         model.to_atb(compile=True)
     assert getattr(model, "_atb_state", None) is None
     assert model.generation_config.cache_implementation is None
+
+
+def test_speculative_verify_of_a_compiled_model_runs_compiled_and_gives_stock_tokens():
+    """After to_atb(compile=True), generate(assistant_model=...) verifies through compiled forwards on a
+    static cache (optimum_atb.speculative.static_slots), with stock's greedy tokens; revert drops them."""
+    stock = _stock()
+    inputs = _left_padded_batch()
+    expected = _greedy(stock, inputs)
+    draft = copy.deepcopy(stock)  # a draft that is often but not always right
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    model = stock.to_atb(compile=True)
+    out = _greedy(model, {**inputs, "assistant_model": draft})
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    stats = model.atb_speculative_stats
+    assert stats.proposed_tokens > stats.accepted_tokens > 0  # drafts were verified, some rejected
+    assert model._atb_compiled_forward.compiles  # the verify forwards went through torch.compile
+    optimum_atb.revert(model)
+    assert "_atb_compiled_forward" not in model.__dict__

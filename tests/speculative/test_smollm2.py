@@ -75,3 +75,21 @@ def test_greedy_identity_smollm2_paged_batch(smollm2, smollm2_tokenizer):
         )
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert converted.atb_speculative_stats.accepted_tokens > 0
+
+
+@pytest.mark.real_model
+@pytest.mark.slow  # compiles four graphs: single-token and wide, for the target and the draft (~3 min)
+def test_greedy_identity_smollm2_compiled_verify_and_draft(smollm2, smollm2_tokenizer):
+    """to_atb(compile=True) target and draft_from(compile=True): stock's tokens, through compiled forwards."""
+    tok = smollm2_tokenizer
+    tok.padding_side = "left"
+    inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    target = copy.deepcopy(smollm2).to_atb(compile=True)
+    draft = optimum_atb.draft_from(target, quantize="int4", compile=True)
+    with torch.inference_mode():
+        ref = smollm2.generate(**inputs, **kwargs)
+        out = target.generate(**inputs, **kwargs, assistant_model=draft)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert target.atb_speculative_stats.accepted_tokens > 0
+    assert target._atb_compiled_forward.compiles and draft._atb_compiled_forward.compiles
