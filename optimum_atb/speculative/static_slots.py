@@ -33,7 +33,8 @@ RECOMPILE_LIMIT = 64
 
 
 class StaticSlotCache:
-    """Runs `model` forwards on a static cache of `capacity` columns; narrow ones through `compiled`."""
+    """Runs `model` forwards on a static cache of `capacity` columns, through `compiled` (a
+    :class:`CompiledForward`) once the cache exists."""
 
     def __init__(self, model, compiled, batch: int, capacity: int, device: torch.device):
         self.model = model
@@ -60,7 +61,9 @@ class StaticSlotCache:
         room = self.capacity - self.used
         if width > room:  # only after a long idle stretch on rows with many holes
             if room < 1:
-                raise RuntimeError("draft cache full: every column holds a valid token")
+                raise RuntimeError(
+                    f"speculative static cache full: all {self.capacity} columns hold valid tokens"
+                )
             from_first = keep - (width - room)  # logits wanted from the first piece (logits_to_keep=0: all)
             first = self.forward(ids[:, :room], valid[:, :room], keep=max(from_first, 1))
             rest = self.forward(ids[:, room:], valid[:, room:], keep=min(keep, width - room))
@@ -76,10 +79,8 @@ class StaticSlotCache:
         seen = full_valid.cumsum(1)
         positions = self.slot_lengths[:, None] + (seen - 1).clamp(min=0)
         self.mask[:, self.used : self.used + width] = full_valid
-        step = self.model
-        if (
-            keep == width and self.cache.layers[0].is_initialized
-        ):  # eager: the first forward creates the cache
+        step = self.model  # eager for the first forward (it creates the cache's tensors) and split pieces
+        if keep == width and self.cache.layers[0].is_initialized:
             step, keep = self.compiled, 0  # 0: all columns' logits (a constant, not one graph per width)
         out = step(
             input_ids=full_ids,
