@@ -53,7 +53,7 @@ class ModelDraft:
         cols = torch.arange(width, device=length.device)
         ids = view.tokens[rows[:, None], (self.cached[:, None] + cols).clamp(max=view.tokens.shape[1] - 1)]
         logits = self.slots.forward(ids, cols < behind[:, None], keep=width)
-        compiled_now = getattr(self.slots, "new_graph", False)
+        compiled_now = self.slots.new_graph
         last = logits[torch.arange(rows.numel(), device=rows.device), behind - 1]
         self.cached = length.clone()
         self.first_draft = self.slots.lengths.clone()
@@ -74,7 +74,7 @@ class ModelDraft:
             view.tokens[rows, length + j] = token
             if j + 1 < k:
                 last = self.slots.forward(token[:, None], ones, keep=1)[:, 0]
-                compiled_now = compiled_now or getattr(self.slots, "new_graph", False)
+                compiled_now = compiled_now or self.slots.new_graph
         self.drafted = k
         # Not a step's cost: catching up on a backlog after idle rounds, or compiling a graph.
         self.timed = self.backlog <= 2 and not compiled_now

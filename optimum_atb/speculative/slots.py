@@ -23,8 +23,20 @@ import torch
 from ..paged_cache import reads_from_pool
 
 
+def positions_of(lengths: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Position ids of new columns `valid` (B, W) after ``lengths[row]`` valid tokens: only valid ones count."""
+    return lengths[:, None] + (valid.cumsum(1) - 1).clamp(min=0)
+
+
+def keep_first_valid(mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`mask` (B, C) of valid columns with each row's valid columns after its ``lengths[row]``-th switched off."""
+    return mask * (mask.cumsum(1) <= lengths[:, None]).to(mask.dtype)
+
+
 class SlotCache:
     """Runs `model` forwards on top of `cache` and tracks which cached tokens each row keeps."""
+
+    new_graph = False  # never compiles (see StaticSlotCache)
 
     def __init__(self, model, cache, batch: int, device: torch.device):
         self.model = model
@@ -40,10 +52,9 @@ class SlotCache:
         in one row.
         """
         valid = valid.to(torch.long)
-        seen = valid.cumsum(1)
-        positions = self.lengths[:, None] + (seen - 1).clamp(min=0)
+        positions = positions_of(self.lengths, valid)
         if self.per_row:
-            pads = seen == 0
+            pads = valid.cumsum(1) == 0
             mask = valid if bool(pads.any()) else None  # left padding: the cache stores no pad token
         else:
             mask = torch.cat([self.mask, valid], dim=1)
@@ -74,8 +85,7 @@ class SlotCache:
                 self.cache.crop_rows(drop.tolist())
         else:
             # the column of each row's lengths[row]-th valid token, +1 = its first column to switch off
-            seen = self.mask.cumsum(1)
-            self.mask = self.mask * (seen <= lengths[:, None]).to(self.mask.dtype)
+            self.mask = keep_first_valid(self.mask, lengths)
             used = self.mask.any(0).nonzero()
             keep = int(used[-1]) + 1 if used.numel() else 0
             if keep < self.mask.shape[1]:

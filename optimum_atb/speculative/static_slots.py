@@ -26,6 +26,8 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import StaticCache
 
+from .slots import keep_first_valid, positions_of
+
 logger = logging.getLogger("optimum_atb")
 
 COMPILED_ATTR = "_atb_compiled_forward"
@@ -76,8 +78,7 @@ class StaticSlotCache:
         full_valid = torch.zeros(batch, width, dtype=torch.long, device=ids.device)
         full_ids[self.slots] = ids
         full_valid[self.slots] = valid.to(torch.long)
-        seen = full_valid.cumsum(1)
-        positions = self.slot_lengths[:, None] + (seen - 1).clamp(min=0)
+        positions = positions_of(self.slot_lengths, full_valid)
         self.mask[:, self.used : self.used + width] = full_valid
         step = self.model  # eager for the first forward (it creates the cache's tensors) and split pieces
         if keep == width and self.cache.layers[0].is_initialized:
@@ -100,8 +101,7 @@ class StaticSlotCache:
         lengths = torch.minimum(lengths, self.lengths)
         keep = self.slot_lengths.clone()
         keep[self.slots] = lengths
-        seen = self.mask.cumsum(1)
-        self.mask.mul_((seen <= keep[:, None]).to(self.mask.dtype))
+        self.mask.copy_(keep_first_valid(self.mask, keep))  # in place: the compiled graphs read this tensor
         used = self.mask[:, : self.used].any(0).nonzero()
         self._set_used(int(used[-1]) + 1 if used.numel() else 0)
         self.slot_lengths = keep
