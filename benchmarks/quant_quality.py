@@ -1,0 +1,140 @@
+"""Quality of quantized SmolLM2-135M against its float32 model, and where int8's loss comes from.
+
+Part 1, per configuration (stock bf16, int8 per channel, int8 per group of 32, int4, the GGUF's Q4_1
+kept): teacher-forced on the first 512 tokens of tests/data/public_domain_text.txt, perplexity, next-token
+agreement, agreement on decisive positions (the fp32 top token leads by >= 0.5 and >= 1 logit), mean KL divergence
+(`optimum_atb.quantization.evaluate`), and greedy agreement over 5 prompts x 64 tokens.
+
+Part 2, int8 per channel in isolation: the weights of one kind of linear layer at a time are replaced by
+their int8 dequantization and the model runs in float32 (so only the weight rounding differs), with the
+relative weight error beside the one round-to-nearest gives for Gaussian weights of the same shape.
+
+    python benchmarks/quant_quality.py [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import optimum_atb  # noqa: E402
+from optimum_atb.quantization import evaluate  # noqa: E402
+from optimum_atb.quantization.formats import dequantize, quantize_int8  # noqa: E402
+from optimum_atb.quantization.quality import compare_logits, next_token_logits, next_token_targets  # noqa: E402
+
+TEXT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "public_domain_text.txt")
+PROMPTS = [  # the quality test's prompts (tests/quantization/test_quality.py)
+    "The history of the printing press begins in the fifteenth century, when",
+    "Photosynthesis is the process by which green plants",
+    "Once upon a time, in a small village at the edge of a great forest,",
+    "To install the package, open a terminal and",
+    "The three laws of thermodynamics can be summarised as follows.",
+]
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def greedy(model, tok, new_tokens: int = 64) -> torch.Tensor:
+    tok.padding_side = "left"
+    inputs = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )  # fmt: skip
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def configurations(model):
+    yield "stock bf16", copy.deepcopy(model).to(torch.bfloat16)
+    yield "int8 per channel", optimum_atb.quantize(copy.deepcopy(model), bits=8)
+    yield "int8 per group of 32", optimum_atb.quantize(copy.deepcopy(model), bits=8, group_size=32)
+    yield "int4 group 32", optimum_atb.quantize(copy.deepcopy(model), bits=4, group_size=32)
+    yield "GGUF Q4_1 kept", optimum_atb.load_gguf(harness.smollm2_dir(), harness.GGUF_FILE)
+
+
+def gaussian_int8_error(shape: torch.Size) -> float:
+    """Relative error of per-channel int8 round-to-nearest on Gaussian weights of `shape`."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    q, s = quantize_int8(w)
+    return ((dequantize(q, s, None, 8, None, torch.float32) - w).norm() / w.norm()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    threads = harness.setup(args.threads)
+    print(f"# quant_quality\n{harness.machine_description()}; threads={threads}\n")
+    model, tok = harness.load_smollm2(torch.float32)
+    with open(TEXT) as f:
+        ids = tok(f.read(), return_tensors="pt")["input_ids"][:, :512]
+    ref = next_token_logits(model, ids)
+    ref_tokens = greedy(model, tok)
+
+    targets = next_token_targets(ids)
+    fp32_ppl = evaluate(model, ref, ids).perplexity
+    print(f"| model | perplexity (fp32 {fp32_ppl:.2f}) | next-token agreement | agreement where fp32's top-2 "
+          "margin >= 0.5 / >= 1.0 logit | mean KL | greedy agreement |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name, quantized in configurations(model):
+        logits = next_token_logits(quantized, ids)
+        r = compare_logits(logits, ref, targets, margin=1.0)
+        half = compare_logits(logits, ref, targets, margin=0.5)
+        agree = (greedy(quantized, tok) == ref_tokens).double().mean().item()
+        print(f"| {name} | {r.perplexity:.2f} ({r.perplexity_change:+.1%}) | {r.next_token_agreement:.1%} "
+              f"| {half.decisive_agreement:.1%} of {half.decisive_share:.0%} / {r.decisive_agreement:.1%} of "
+              f"{r.decisive_share:.0%} | {r.mean_kl:.4f} | {agree:.0%} |")  # fmt: skip
+        del quantized
+
+    top2 = ref.topk(2, dim=-1).values
+    gap = top2[:, 0] - top2[:, 1]
+    print(f"\nfp32 top-2 margin: < 0.1 logit at {(gap < 0.1).double().mean():.1%} of positions, "
+          f"< 0.5 at {(gap < 0.5).double().mean():.1%}, < 1.0 at {(gap < 1.0).double().mean():.1%}\n")  # fmt: skip
+
+    # untie the output projection: rounding it must leave the input embeddings in float, as quantize() does
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    original = {n: m.weight.data for n, m in linears.items()}
+    fake = {}
+    for n, w in original.items():
+        q, s = quantize_int8(w)
+        fake[n] = dequantize(q, s, None, 8, None, torch.float32)
+
+    def with_weights(replacement: dict, names: list[str]) -> str:
+        """Agreement figures with `names`' weights taken from `replacement`, the rest float32."""
+        for n in names:
+            linears[n].weight.data = replacement[n]
+        r = evaluate(model, ref, ids, margin=0.5)
+        for n in names:
+            linears[n].weight.data = original[n]
+        return f"{r.next_token_agreement:.1%} | {r.decisive_agreement:.1%} | {r.mean_kl:.4f}"
+
+    def error(replacement: dict, names: list[str]) -> float:
+        return sum(((replacement[n] - original[n]).norm() / original[n].norm()).item() for n in names) / len(
+            names
+        )
+
+    print("Weights rounded, float32 activations (the weight rounding alone):\n")
+    print("| layers rounded | relative weight error (int8 of Gaussian weights, same shape) | next-token agreement | margin >= 0.5 | mean KL |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for kind in KINDS:
+        names = [n for n in linears if n.endswith(kind)]
+        gauss = gaussian_int8_error(original[names[0]].shape)
+        print(
+            f"| {kind} ({len(names)}), int8 | {error(fake, names):.2%} ({gauss:.2%}) | {with_weights(fake, names)} |"
+        )
+    every = list(linears)
+    print(f"| all ({len(every)}), int8 | {error(fake, every):.2%} | {with_weights(fake, every)} |")
+    bf16 = {n: w.to(torch.bfloat16).float() for n, w in original.items()}
+    print(f"| all ({len(every)}), bf16 | {error(bf16, every):.2%} | {with_weights(bf16, every)} |")
+
+
+if __name__ == "__main__":
+    main()
