@@ -44,8 +44,9 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch
     w = w.detach().float()
     n, k = w.shape
     groups = w.reshape(n, 1 if group_size is None else k // group_size, -1)
-    scale = _bf16_exact(groups.abs().amax(dim=-1).clamp(min=1e-12) / 127.0)
-    q = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
+    absmax = torch.linalg.vector_norm(groups, ord=float("inf"), dim=-1)  # max |w| without an |w| copy
+    scale = _bf16_exact(absmax.clamp(min=1e-12) / 127.0)
+    q = (groups / scale[..., None]).round_().clamp_(-127, 127).to(torch.int8).reshape(n, k)  # one temporary
     return q, scale[:, 0] if group_size is None else scale
 
 
@@ -58,7 +59,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     hi = groups.amax(dim=-1)
     scale = _bf16_exact(((hi - lo) / 15.0).clamp(min=1e-12))
     zero = _bf16_exact(lo + 8.0 * scale)
-    q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).reshape(n, k)
+    q = (groups - zero[..., None]).div_(scale[..., None]).add_(8).round_().clamp_(0, 15).reshape(n, k)
     return pack_int4(q), scale, zero
 
 

@@ -67,6 +67,21 @@ def test_int8_quantization_error_is_at_most_half_a_step(group):
         assert err[:, 32:].max() < 0.2 * quantize_int8(w)[1].max()
 
 
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, 32)])
+def test_quantize_weight_in_row_chunks_equals_whole(monkeypatch, bits, group):
+    """Rows are quantized a chunk at a time (to bound temporaries): the result must not depend on it."""
+    from optimum_atb.quantization import linear
+
+    w = torch.randn(37, 64)
+    whole = linear.quantize_weight(w, bits, group)
+    monkeypatch.setattr(linear, "ROWS_PER_CHUNK", 8)
+    chunked = linear.quantize_weight(w, bits, group)
+    assert len(whole) == len(chunked) == 3
+    for a, b in zip(whole, chunked):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert chunked[0].shape[0] == 37
+
+
 @pytest.mark.parametrize("bits,group", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_backend(bits, group, dtype):
