@@ -27,7 +27,13 @@ import harness  # noqa: E402
 import optimum_atb  # noqa: E402
 from optimum_atb.quantization import evaluate  # noqa: E402
 from optimum_atb.quantization.formats import dequantize, quantize_int8  # noqa: E402
-from optimum_atb.quantization.quality import compare_logits, next_token_logits, next_token_targets  # noqa: E402
+from optimum_atb.quantization.quality import (  # noqa: E402
+    compare_logits,
+    greedy_continuations,
+    next_token_logits,
+    next_token_targets,
+    top2_margin,
+)
 
 TEXT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "public_domain_text.txt")
 PROMPTS = [  # the quality test's prompts (tests/quantization/test_quality.py)
@@ -37,18 +43,8 @@ PROMPTS = [  # the quality test's prompts (tests/quantization/test_quality.py)
     "To install the package, open a terminal and",
     "The three laws of thermodynamics can be summarised as follows.",
 ]
+NEW_TOKENS = 64
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-
-
-def greedy(model, tok, new_tokens: int = 64) -> torch.Tensor:
-    tok.padding_side = "left"
-    inputs = tok(PROMPTS, return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        )  # fmt: skip
-    return out[:, inputs["input_ids"].shape[1] :]
 
 
 def configurations(model):
@@ -59,11 +55,16 @@ def configurations(model):
     yield "GGUF Q4_1 kept", optimum_atb.load_gguf(harness.smollm2_dir(), harness.GGUF_FILE)
 
 
+def int8_roundtrip(w: torch.Tensor) -> torch.Tensor:
+    """`w` rounded to per-channel int8 and back to float32."""
+    q, s = quantize_int8(w)
+    return dequantize(q, s, None, 8, None, torch.float32)
+
+
 def gaussian_int8_error(shape: torch.Size) -> float:
     """Relative error of per-channel int8 round-to-nearest on Gaussian weights of `shape`."""
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    q, s = quantize_int8(w)
-    return ((dequantize(q, s, None, 8, None, torch.float32) - w).norm() / w.norm()).item()
+    return ((int8_roundtrip(w) - w).norm() / w.norm()).item()
 
 
 def main() -> None:
@@ -76,10 +77,10 @@ def main() -> None:
     with open(TEXT) as f:
         ids = tok(f.read(), return_tensors="pt")["input_ids"][:, :512]
     ref = next_token_logits(model, ids)
-    ref_tokens = greedy(model, tok)
+    ref_tokens = greedy_continuations(model, tok, PROMPTS, NEW_TOKENS)
 
     targets = next_token_targets(ids)
-    fp32_ppl = evaluate(model, ref, ids).perplexity
+    fp32_ppl = compare_logits(ref, ref, targets).perplexity  # from the logits already computed
     print(f"| model | perplexity (fp32 {fp32_ppl:.2f}) | next-token agreement | agreement where fp32's top-2 "
           "margin >= 0.5 / >= 1.0 logit | mean KL | greedy agreement |")  # fmt: skip
     print("|---|---|---|---|---|---|")
@@ -87,14 +88,15 @@ def main() -> None:
         logits = next_token_logits(quantized, ids)
         r = compare_logits(logits, ref, targets, margin=1.0)
         half = compare_logits(logits, ref, targets, margin=0.5)
-        agree = (greedy(quantized, tok) == ref_tokens).double().mean().item()
+        agree = (
+            (greedy_continuations(quantized, tok, PROMPTS, NEW_TOKENS) == ref_tokens).double().mean().item()
+        )
         print(f"| {name} | {r.perplexity:.2f} ({r.perplexity_change:+.1%}) | {r.next_token_agreement:.1%} "
               f"| {half.decisive_agreement:.1%} of {half.decisive_share:.0%} / {r.decisive_agreement:.1%} of "
               f"{r.decisive_share:.0%} | {r.mean_kl:.4f} | {agree:.0%} |")  # fmt: skip
         del quantized
 
-    top2 = ref.topk(2, dim=-1).values
-    gap = top2[:, 0] - top2[:, 1]
+    gap = top2_margin(ref)
     print(f"\nfp32 top-2 margin: < 0.1 logit at {(gap < 0.1).double().mean():.1%} of positions, "
           f"< 0.5 at {(gap < 0.5).double().mean():.1%}, < 1.0 at {(gap < 1.0).double().mean():.1%}\n")  # fmt: skip
 
@@ -102,10 +104,7 @@ def main() -> None:
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     original = {n: m.weight.data for n, m in linears.items()}
-    fake = {}
-    for n, w in original.items():
-        q, s = quantize_int8(w)
-        fake[n] = dequantize(q, s, None, 8, None, torch.float32)
+    fake = {n: int8_roundtrip(w) for n, w in original.items()}
 
     def with_weights(replacement: dict, names: list[str]) -> str:
         """Agreement figures with `names`' weights taken from `replacement`, the rest float32."""

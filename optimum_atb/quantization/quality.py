@@ -45,6 +45,12 @@ class QualityReport:
         )
 
 
+def top2_margin(logits: torch.Tensor) -> torch.Tensor:
+    """How far each row's top logit leads its runner-up: logits [T, V] -> [T]."""
+    top2 = logits.topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
 def compare_logits(
     logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor, margin: float = DECISIVE_MARGIN
 ) -> QualityReport:
@@ -55,10 +61,10 @@ def compare_logits(
             f"expected logits and reference of one shape [T, V] and targets [T], got "
             f"{tuple(logits.shape)}, {tuple(reference.shape)} and {tuple(targets.shape)}"
         )
-    logp, ref_logp = logits.double().log_softmax(-1), reference.double().log_softmax(-1)
+    ref = reference.double()
+    logp, ref_logp = logits.double().log_softmax(-1), ref.log_softmax(-1)
     same = logits.argmax(-1) == reference.argmax(-1)
-    top2 = reference.double().topk(2, dim=-1).values
-    decisive = (top2[:, 0] - top2[:, 1]) >= margin
+    decisive = top2_margin(ref) >= margin
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
 
     def ppl(lp: torch.Tensor) -> float:
@@ -109,3 +115,16 @@ def evaluate(
     return compare_logits(
         next_token_logits(model, input_ids, chunk), ref, next_token_targets(input_ids, chunk), margin
     )
+
+
+@torch.inference_mode()
+def greedy_continuations(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int) -> torch.Tensor:
+    """Exactly `new_tokens` greedy tokens [len(prompts), new_tokens] after each prompt (left-padded batch),
+    for position-wise greedy agreement between a model and its reference."""
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+    )
+    return out[:, inputs["input_ids"].shape[1] :]

@@ -19,7 +19,7 @@ import torch
 
 import optimum_atb
 from optimum_atb.quantization import QuantLinear, evaluate
-from optimum_atb.quantization.quality import next_token_logits
+from optimum_atb.quantization.quality import greedy_continuations, next_token_logits
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -36,14 +36,7 @@ NEW_TOKENS = 64
 
 
 def greedy(model, tok) -> torch.Tensor:
-    tok.padding_side = "left"
-    inputs = tok(PROMPTS, return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        )  # fmt: skip
-    return out[:, inputs["input_ids"].shape[1] :]
+    return greedy_continuations(model, tok, PROMPTS, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
