@@ -161,6 +161,7 @@ def speculative_generate(
     stats.draft_time_s += time.perf_counter() - t0
 
     while active.numel():
+        t_round = time.perf_counter()
         view = RoundView(
             tokens, active, length[active], start[active], logits_processor, generation_config.do_sample
         )
@@ -213,6 +214,9 @@ def speculative_generate(
         stats.proposed_tokens += int(proposed.sum())
         stats.accepted_tokens += int(accepted.sum())
         stats.new_tokens += int(kept.sum())
+        if not (target.new_graph or (k and draft.compiled_now)):  # compiling is not a round's cost
+            caught_up = bool(k) and not draft.timed  # a backlog after idle rounds (compiles excluded above)
+            policy.guard.observe(k > 0, time.perf_counter() - t_round, int(kept.sum()), caught_up)
         if finished.any():
             keep = (~finished).nonzero().squeeze(1)
             active = active[keep]
@@ -226,6 +230,7 @@ def speculative_generate(
     out = tokens[:, :end].clone()
     out[torch.arange(end, device=device)[None, :] >= length[:, None]] = pad_id
     stats.total_time_s = time.perf_counter() - t_start
+    stats.suspensions = policy.guard.suspensions
     model.atb_speculative_stats = stats
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=out)

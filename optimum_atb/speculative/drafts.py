@@ -28,6 +28,7 @@ class ModelDraft:
         self.k_max = k_max
         self.backlog = 0  # committed tokens the last proposal's first forward caught up on (most rows: 1-2)
         self.timed = True  # whether the last proposal's time is a draft step's cost (see propose)
+        self.compiled_now = False  # whether the last proposal compiled a graph (its time is no cost)
 
     def start(self, prompt: torch.Tensor, mask: torch.Tensor, max_length: int) -> None:
         """Prefill the draft cache with every prompt token but the last (`max_length`: the longest a row
@@ -76,6 +77,7 @@ class ModelDraft:
                 last = self.slots.forward(token[:, None], ones, keep=1)[:, 0]
                 compiled_now = compiled_now or self.slots.new_graph
         self.drafted = k
+        self.compiled_now = compiled_now
         # Not a step's cost: catching up on a backlog after idle rounds, or compiling a graph.
         self.timed = self.backlog <= 2 and not compiled_now
         return drafts, torch.stack(probs, dim=1) if probs else None, counts, k
@@ -96,6 +98,7 @@ class NgramDraft:
 
     source = "n-gram prompt lookup"
     timed = True  # runs no model: nothing to catch up on or compile
+    compiled_now = False
 
     def __init__(self, k_max: int, max_ngram: int = 3):
         self.k_max = k_max

@@ -10,6 +10,16 @@ in ``0..k_max`` with the best tokens-per-second; ``k = 0`` is plain decoding, so
 themselves off (a row that stays off probes with one token after ``PROBE_EVERY`` idle rounds, twice as many
 after each rejected probe, back to ``PROBE_EVERY`` after a fully accepted round; no probe when drafting
 could not pay even at the best acceptance: then the target's cost keeps it off, not the draft).
+
+The model leaves costs out (a draft catching up after idle rounds, bookkeeping, rows drafting different
+lengths in one shared-width verify), and a width not seen yet is tried once per call. So a guard over the
+whole batch, :class:`RoundRateGuard`, compares what rounds really cost per committed token, drafting
+(``JUDGE_ROUNDS`` rounds at a time, not counting a draft's catch-up after idle rounds) against plain (if no
+plain round was timed yet, one is run): when drafting rounds turn out slower, drafting is suspended
+(no drafts, no probes) for ``HOLD_ROUNDS`` rounds, twice as long each time it is found slower again
+(at most ``MAX_HOLD_ROUNDS``). On a 2-core CPU at batch 4 a verify of ``k + 1`` columns costs nearly
+``k + 1`` plain steps (the matmuls are compute-bound there), so the guard is what keeps speculation from
+falling far below plain decoding.
 """
 
 from __future__ import annotations
@@ -19,6 +29,9 @@ import torch
 DECAY = 0.8
 PROBE_EVERY = 4  # idle rounds before a probe; doubles after each rejected probe
 MAX_ALPHA = 0.98  # acceptance estimates are capped here (a geometric run never has certain acceptance)
+JUDGE_ROUNDS = 3  # drafting rounds timed together before the guard compares them with plain rounds
+HOLD_ROUNDS = 8  # rounds drafting stays suspended after drafting rounds were found slower than plain ones
+MAX_HOLD_ROUNDS = 128
 
 
 class TargetCostModel:
@@ -68,6 +81,52 @@ class TargetCostModel:
         return out
 
 
+class RoundRateGuard:
+    """Wall seconds per committed token of drafting rounds and of plain rounds, measured whole (draft,
+    verify, bookkeeping); suspends drafting while it is the slower of the two.
+
+    Drafting is judged over ``JUDGE_ROUNDS`` drafting rounds at a time (one round is too noisy: a single
+    rejection or a slow step would switch off a draft that pays), leaving out rounds whose draft first
+    caught up on a backlog (after a suspension it has missed every token: that one-off cost is not what
+    drafting costs per round)."""
+
+    def __init__(self):
+        self.plain_s: float | None = None  # decayed seconds per token of rounds without drafts
+        self.window = [0.0, 0]  # seconds and tokens of the drafting rounds not judged yet
+        self.judged = 0  # drafting rounds in the window
+        self.hold = HOLD_ROUNDS
+        self.suspended = 0  # rounds left without drafting
+        self.suspensions = 0
+
+    def observe(self, drafted: bool, seconds: float, tokens: int, caught_up: bool = False) -> None:
+        """Record a round (not one that compiled a graph) that committed `tokens` tokens in all rows;
+        `caught_up`: its draft first caught up on a backlog of missed tokens."""
+        if tokens <= 0:
+            return
+        if not drafted:
+            rate = seconds / tokens
+            self.plain_s = rate if self.plain_s is None else DECAY * self.plain_s + (1 - DECAY) * rate
+            self.suspended = max(self.suspended - 1, 0)
+            return
+        if caught_up:
+            return
+        self.window[0] += seconds
+        self.window[1] += tokens
+        self.judged += 1
+        if self.judged < JUDGE_ROUNDS:
+            return
+        if self.plain_s is None:  # nothing to compare against yet: the next round runs plain, measured
+            self.suspended = 1
+            return
+        slower = self.window[0] / self.window[1] > self.plain_s
+        self.window, self.judged = [0.0, 0], 0
+        if slower:
+            self.suspended, self.hold = self.hold, min(2 * self.hold, MAX_HOLD_ROUNDS)
+            self.suspensions += 1
+        else:
+            self.hold = HOLD_ROUNDS
+
+
 class DraftLengthPolicy:
     """Chooses how many tokens each row drafts in the next round."""
 
@@ -80,6 +139,7 @@ class DraftLengthPolicy:
         self.probe_every = torch.full((batch,), PROBE_EVERY, dtype=torch.long, device=device)
         self.target = TargetCostModel()
         self.draft_step_s: float | None = None
+        self.guard = RoundRateGuard()
 
     def observe_draft(self, steps: int, seconds: float) -> None:
         if steps:
@@ -90,6 +150,8 @@ class DraftLengthPolicy:
         """Draft length of each of `rows` (indices into the whole batch), at most `room` per row."""
         if self.fixed:
             return room.clamp(min=0, max=self.k_max)
+        if self.guard.suspended:
+            return torch.zeros_like(room)
         active = rows.numel()
         verify = self.target.cost([active * (k + 1) for k in range(self.k_max + 1)])
         if verify is None:  # first round: no timing yet; one token times a draft step and a narrow verify

@@ -12,6 +12,8 @@ class SpeculativeStats:
     ``row_rounds`` counts one per active row per target verification forward, so
     ``tokens_per_target_forward`` is the mean number of tokens a row gains per target forward
     (1.0 = plain decoding). Times are wall seconds spent in draft proposals and target verification.
+    ``suspensions`` counts the times drafting was switched off for the whole batch because drafting
+    rounds were measured slower per token than plain ones (docs/speculative.md).
     """
 
     source: str = ""
@@ -24,6 +26,7 @@ class SpeculativeStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     total_time_s: float = 0.0
+    suspensions: int = 0
 
     @property
     def acceptance_rate(self) -> float:

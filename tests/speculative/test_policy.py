@@ -130,3 +130,94 @@ def test_catch_up_rounds_do_not_time_the_draft_step(monkeypatch):
     target.generate(**padded_batch(64, rows=1), max_new_tokens=60, do_sample=False, assistant_model=bad_draft)
     assert any(b > 2 for b in backlogs)  # probes after idle rounds happened
     assert timed == [i + 1 for i, b in enumerate(backlogs) if b <= 2]
+
+
+def _judge(g, seconds: float, tokens: int) -> None:
+    """One guard verdict: JUDGE_ROUNDS drafting rounds of `seconds` and `tokens` each."""
+    for _ in range(policy.JUDGE_ROUNDS):
+        g.observe(True, seconds, tokens)
+
+
+def test_guard_suspends_drafting_slower_than_plain_and_backs_off():
+    """Drafting rounds that cost more per token than plain ones switch drafting off for the whole batch
+    (no drafts, no probes), for twice as many rounds each time they are found slower again."""
+    p = _policy_with_costs({1: 24, 2: 25, 3: 26}, draft_ms=1, accepted=19, rejected=1)
+    rows, room = torch.arange(1), torch.tensor([50])
+    assert p.lengths(rows, room).item() > 0  # the cost model says drafting pays
+    g = p.guard
+    g.observe(False, 0.024, 1)  # plain: 24 ms per token
+    for _ in range(policy.JUDGE_ROUNDS - 1):
+        g.observe(True, 0.100, 2)  # drafting: 50 ms per token, measured whole
+        assert g.suspended == 0  # not judged on fewer rounds
+    g.observe(True, 0.100, 2)
+    assert g.suspended == policy.HOLD_ROUNDS and g.suspensions == 1
+    for left in range(policy.HOLD_ROUNDS, 0, -1):
+        assert p.lengths(rows, room).item() == 0
+        g.observe(False, 0.024, 1)
+        assert g.suspended == left - 1
+    assert p.lengths(rows, room).item() > 0  # drafting is tried again
+    g.observe(True, 5.0, 1, caught_up=True)  # the draft's catch-up after the suspension is not judged
+    _judge(g, 0.100, 2)
+    assert g.suspended == 2 * policy.HOLD_ROUNDS  # slower again: twice as long
+    g.suspended = 0
+    _judge(g, 0.030, 3)  # faster than plain now: the wait resets, drafting goes on
+    assert g.suspended == 0 and g.hold == policy.HOLD_ROUNDS
+
+
+def test_guard_averages_a_window_of_drafting_rounds():
+    """One slow drafting round (a rejection) among fast ones does not switch drafting off."""
+    g = policy.RoundRateGuard()
+    g.observe(False, 0.024, 1)
+    g.observe(True, 0.040, 1)  # 40 ms per token: slower than plain alone
+    for _ in range(policy.JUDGE_ROUNDS - 1):
+        g.observe(True, 0.040, 5)  # 8 ms per token
+    assert g.suspended == 0 and g.suspensions == 0
+
+
+def test_guard_waits_for_a_measured_plain_round_and_caps_its_hold():
+    g = policy.RoundRateGuard()
+    _judge(g, 1.0, 1)  # no plain round measured yet: the next round runs plain to measure one
+    assert g.suspended == 1 and g.suspensions == 0
+    g.observe(False, 0.01, 0)  # a round that committed nothing is not a rate
+    assert g.plain_s is None and g.suspended == 1
+    g.observe(False, 0.01, 1)
+    assert g.suspended == 0
+    g.observe(True, 1.0, 1)  # the window held back for want of a plain figure is judged now
+    assert g.suspensions == 1
+    for _ in range(20):
+        g.suspended = 0
+        _judge(g, 1.0, 1)
+    assert g.hold == policy.MAX_HOLD_ROUNDS
+
+
+def test_fixed_length_ignores_the_guard():
+    p = DraftLengthPolicy(1, k_max=4, device=torch.device("cpu"), fixed=True)
+    p.guard.suspended = 5
+    assert p.lengths(torch.arange(1), torch.tensor([50])).item() == 4
+
+
+def test_decoder_suspends_drafting_that_is_slower_than_plain(monkeypatch):
+    """End to end: a draft that is always right but whose proposals cost far more than they save is
+    switched off by the guard (the cost model, fed a cheap draft step, keeps asking for drafts); the tokens
+    stay those of the target alone."""
+    import time
+
+    target = tiny_llama(64, layers=2)
+    attach(target)
+    draft = tiny_llama(64, layers=2)  # same weights as the target: every draft token is accepted
+    inputs = padded_batch(64, rows=2)
+    ref = target.generate(**inputs, max_new_tokens=80, do_sample=False)
+    propose, calls = drafts.ModelDraft.propose, []
+
+    def slow_propose(self, view, counts):
+        calls.append(1)
+        time.sleep(0.3)  # far dearer per token than a 2-layer verify, even with 9 tokens accepted per row
+        return propose(self, view, counts)
+
+    monkeypatch.setattr(drafts.ModelDraft, "propose", slow_propose)
+    monkeypatch.setattr(DraftLengthPolicy, "observe_draft", lambda self, steps, seconds: None)  # hidden
+    out = target.generate(**inputs, max_new_tokens=80, do_sample=False, assistant_model=draft)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    stats = target.atb_speculative_stats
+    assert stats.suspensions >= 1
+    assert stats.rounds - len(calls) >= policy.HOLD_ROUNDS  # the suspended rounds ran plain
