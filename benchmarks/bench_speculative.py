@@ -2,7 +2,7 @@
 
 Per target dtype (fp32, bf16) and prompt kind (text continuation, chat template), batch 1:
   plain stock greedy | int4 self-draft (optimum_atb.draft_from) | our n-gram lookup | stock prompt lookup;
-and batch 4 with the int4 self-draft against stock batch-4 greedy. The speculative rows run the way the
+and batch 4 with the int4 self-draft against stock batch-4 greedy (``--batch4-only``: those rows alone). The speculative rows run the way the
 plugin is used: the target converted with ``to_atb()``, then ``generate(assistant_model=...)``; the row
 "to_atb() greedy" gives the converted target alone, so the share of the speed-up due to speculation shows.
 The full run adds the compiled form: target ``to_atb(compile=True)``, draft ``draft_from(..., compile=True)``
@@ -10,7 +10,7 @@ The full run adds the compiled form: target ``to_atb(compile=True)``, draft ``dr
 Acceptance (accepted / proposed draft tokens) and tokens per target forward are printed beside every
 speculative figure. ``--quick``: fp32 only, 48 new tokens, one timed run (a smoke test, not a result).
 
-    python benchmarks/bench_speculative.py [--quick] [--threads N] [--new-tokens N]
+    python benchmarks/bench_speculative.py [--quick] [--batch4-only] [--threads N] [--new-tokens N]
 """
 
 from __future__ import annotations
@@ -76,24 +76,29 @@ def bench_dtype(dtype, kinds, new_tokens, repeats, batch4: bool, compiled: bool)
         spec, stats = measure(target, inputs, new_tokens, repeats, assistant_model=draft)
         add(f"{dname} b4 text", "int4 self-draft", "stock greedy", plain, spec, stats)
         if compiled:
+            alone, _ = measure(ctarget, inputs, new_tokens, repeats)
+            add(f"{dname} b4 text", "to_atb(compile=True) greedy", "stock greedy", plain, alone, None)
             spec, stats = measure(ctarget, inputs, new_tokens, repeats, assistant_model=cdraft)
             add(f"{dname} b4 text", "int4 self-draft, compiled", "stock greedy", plain, spec, stats)
     return results
 
 
-def run(suite: str = "quick", device: str = "cpu", new_tokens: int | None = None) -> list[harness.Row]:
+def run(
+    suite: str = "quick", device: str = "cpu", new_tokens: int | None = None, batch4_only: bool = False
+) -> list[harness.Row]:
     """The matrix entry point (``benchmarks/run_all.py``): quick = fp32, 48 tokens, 1 run; full = fp32
-    and bf16, 128 tokens, median of 3."""
+    and bf16, 128 tokens, median of 3. ``batch4_only``: the fp32 batch-4 rows alone."""
     if device != "cpu":
         raise SystemExit("bench_speculative measures on the CPU only")
     quick = suite == "quick"
     new_tokens = new_tokens or (48 if quick else 128)
     repeats = 1 if quick else 3
-    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    dtypes = [torch.float32] if quick or batch4_only else [torch.float32, torch.bfloat16]
+    kinds = [] if batch4_only else ["text", "chat"]
     rows = []
     for dtype in dtypes:
         rows += bench_dtype(
-            dtype, ["text", "chat"], new_tokens, repeats, batch4=dtype == torch.float32, compiled=not quick
+            dtype, kinds, new_tokens, repeats, batch4=dtype == torch.float32, compiled=not quick
         )
     return rows
 
@@ -103,6 +108,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short smoke version (fp32, 48 tokens, 1 run)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--batch4-only", action="store_true", help="only the fp32 batch-4 rows")
     args = parser.parse_args()
     threads = harness.setup(args.threads)
     quick = args.quick
@@ -111,7 +117,7 @@ def main() -> None:
     print(
         f"{harness.machine_description()}; threads={threads}; new tokens={new_tokens}; repeats={1 if quick else 3}\n"
     )
-    rows = run("quick" if quick else "full", "cpu", new_tokens)
+    rows = run("quick" if quick else "full", "cpu", new_tokens, batch4_only=args.batch4_only)
     print(
         "| benchmark | config | baseline | baseline tok/s | tok/s | ratio | acceptance | tokens/target fwd |"
     )
