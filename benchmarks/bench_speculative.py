@@ -2,9 +2,10 @@
 
 Per target dtype (fp32, bf16) and prompt kind (text continuation, chat template), batch 1:
   plain stock greedy | int4 self-draft (optimum_atb.draft_from) | our n-gram lookup | stock prompt lookup;
-and batch 4 with the int4 self-draft against stock batch-4 greedy (``--batch4-only``: those rows alone). The speculative rows run the way the
-plugin is used: the target converted with ``to_atb()``, then ``generate(assistant_model=...)``; the row
-"to_atb() greedy" gives the converted target alone, so the share of the speed-up due to speculation shows.
+and batch 4 with the int4 self-draft against stock batch-4 greedy (``--batch4-only``: those rows alone).
+The speculative rows run the way the plugin is used: the target converted with ``to_atb()``, then
+``generate(assistant_model=...)``; the row "to_atb() greedy" gives the converted target alone, so the share
+of the speed-up due to speculation shows.
 The full run adds the compiled form: target ``to_atb(compile=True)``, draft ``draft_from(..., compile=True)``
 (verify and draft steps through torch.compile; the warm-up run compiles them), and that target alone.
 Acceptance (accepted / proposed draft tokens) and tokens per target forward are printed beside every

@@ -213,10 +213,12 @@ def speculative_generate(
         stats.row_rounds += active.numel()
         stats.proposed_tokens += int(proposed.sum())
         stats.accepted_tokens += int(accepted.sum())
-        stats.new_tokens += int(kept.sum())
+        new_tokens = int(kept.sum())
+        stats.new_tokens += new_tokens
         if not (target.new_graph or (k and draft.compiled_now)):  # compiling is not a round's cost
-            caught_up = bool(k) and not draft.timed  # a backlog after idle rounds (compiles excluded above)
-            policy.guard.observe(k > 0, time.perf_counter() - t_round, int(kept.sum()), caught_up)
+            policy.guard.observe(
+                k > 0, time.perf_counter() - t_round, new_tokens, bool(k) and draft.caught_up
+            )
         if finished.any():
             keep = (~finished).nonzero().squeeze(1)
             active = active[keep]

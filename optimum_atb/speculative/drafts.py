@@ -27,8 +27,17 @@ class ModelDraft:
         self.model = model
         self.k_max = k_max
         self.backlog = 0  # committed tokens the last proposal's first forward caught up on (most rows: 1-2)
-        self.timed = True  # whether the last proposal's time is a draft step's cost (see propose)
         self.compiled_now = False  # whether the last proposal compiled a graph (its time is no cost)
+
+    @property
+    def caught_up(self) -> bool:
+        """Whether the last proposal first caught up on a backlog of tokens missed in idle rounds."""
+        return self.backlog > 2
+
+    @property
+    def timed(self) -> bool:
+        """Whether the last proposal's time is a draft step's cost (no catch-up, no compile)."""
+        return not (self.caught_up or self.compiled_now)
 
     def start(self, prompt: torch.Tensor, mask: torch.Tensor, max_length: int) -> None:
         """Prefill the draft cache with every prompt token but the last (`max_length`: the longest a row
@@ -78,8 +87,6 @@ class ModelDraft:
                 compiled_now = compiled_now or self.slots.new_graph
         self.drafted = k
         self.compiled_now = compiled_now
-        # Not a step's cost: catching up on a backlog after idle rounds, or compiling a graph.
-        self.timed = self.backlog <= 2 and not compiled_now
         return drafts, torch.stack(probs, dim=1) if probs else None, counts, k
 
     def commit(self, accepted: torch.Tensor) -> None:
@@ -98,7 +105,7 @@ class NgramDraft:
 
     source = "n-gram prompt lookup"
     timed = True  # runs no model: nothing to catch up on or compile
-    compiled_now = False
+    caught_up = compiled_now = False
 
     def __init__(self, k_max: int, max_ngram: int = 3):
         self.k_max = k_max

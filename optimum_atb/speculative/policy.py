@@ -92,7 +92,7 @@ class RoundRateGuard:
 
     def __init__(self):
         self.plain_s: float | None = None  # decayed seconds per token of rounds without drafts
-        self.window = [0.0, 0]  # seconds and tokens of the drafting rounds not judged yet
+        self.window_s, self.window_tokens = 0.0, 0  # drafting rounds not judged yet: seconds, tokens
         self.judged = 0  # drafting rounds in the window
         self.hold = HOLD_ROUNDS
         self.suspended = 0  # rounds left without drafting
@@ -110,16 +110,16 @@ class RoundRateGuard:
             return
         if caught_up:
             return
-        self.window[0] += seconds
-        self.window[1] += tokens
+        self.window_s += seconds
+        self.window_tokens += tokens
         self.judged += 1
         if self.judged < JUDGE_ROUNDS:
             return
         if self.plain_s is None:  # nothing to compare against yet: the next round runs plain, measured
             self.suspended = 1
             return
-        slower = self.window[0] / self.window[1] > self.plain_s
-        self.window, self.judged = [0.0, 0], 0
+        slower = self.window_s / self.window_tokens > self.plain_s
+        self.window_s, self.window_tokens, self.judged = 0.0, 0, 0
         if slower:
             self.suspended, self.hold = self.hold, min(2 * self.hold, MAX_HOLD_ROUNDS)
             self.suspensions += 1
