@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import NamedTuple
 
 import torch
@@ -127,8 +128,12 @@ def quantize(
     check_group_divides(targets)
     head = output_projection(model)
     untie = head_is_tied(model) and any(t.layer is head for t in targets)
-    for name, layer, layer_bits, layer_group in targets:
+    pending = deque(targets)  # popped as replaced: each float layer is freed before the next is quantized
+    del targets
+    while pending:
+        name, layer, layer_bits, layer_group = pending.popleft()
         replace_module(model, name, QuantLinear.from_linear(layer, layer_bits, layer_group))
+        del layer
     if untie:
         untie_output_embeddings(model)
     attach_config(model, bits, group_size, include_lm_head, skip)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -49,6 +51,24 @@ def test_quantize_replaces_decoder_linears_and_lm_head_in_int8(bits, group):
     assert model.config.quantization_config.include_lm_head
     out = _logits(model, ids)
     assert (out - ref).abs().max() < (0.05 if bits == 8 else 0.25) * ref.abs().max()
+
+
+def test_quantize_frees_each_float_layer_before_quantizing_the_next(monkeypatch):
+    """In-place quantization must not hold every float weight until the end (the peak memory of
+    quantizing a loaded model would be the float model plus the quantized one)."""
+    model = _tiny()
+    originals = [weakref.ref(m) for m in model.model.modules() if type(m) is torch.nn.Linear]  # decoder's
+    alive_at_each_step = []
+    from_linear = QuantLinear.from_linear.__func__
+
+    def counting_from_linear(cls, linear, bits, group_size):
+        alive_at_each_step.append(sum(ref() is not None for ref in originals))
+        return from_linear(cls, linear, bits, group_size)
+
+    monkeypatch.setattr(QuantLinear, "from_linear", classmethod(counting_from_linear))
+    optimum_atb.quantize(model, bits=8)
+    n = len(originals)
+    assert alive_at_each_step[:n] == list(range(n, 0, -1))  # one fewer float layer alive at each step
 
 
 @pytest.mark.parametrize("bits", [8, 4])
