@@ -21,11 +21,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from harness import Row, load_smollm2, machine_description, make_inputs, print_rows, setup, time_generate  # noqa: E402
 
-# "int8-g32": int8 with one scale per group of 32 input features (eager only)
+# "int8" / "int4": quantize(bits=8) (per channel) / quantize(bits=4) (groups of 32, the default);
+# "-gN": one scale per group of N input features (int4 groups of 64 measure the default's choice; 128 does
+# not divide SmolLM2's 576 input features)
 CONFIGS = (
-    "stock-fp32", "stock-bf16", "int8", "int8-g32", "int4", "gguf-q4_1", "int8+compile", "int4+compile",
-    "gguf-q4_1+compile",
+    "stock-fp32", "stock-bf16", "int8", "int8-g32", "int4", "int4-g64", "gguf-q4_1",
+    "int8+compile", "int4+compile", "int4-g64+compile", "gguf-q4_1+compile",
 )  # fmt: skip
+
+KINDS = ("stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1")
+
+
+def is_config(config: str) -> bool:
+    """A kind of KINDS, int8/int4 with an optional "-gN" group size, "+compile" on any but stock."""
+    name = config.removesuffix("+compile")
+    kind, _, group = name.partition("-g")
+    if kind not in KINDS or (kind.startswith("stock") and name != config):
+        return False
+    return not group or (kind in ("int8", "int4") and group.isdigit())
 
 
 def weight_bytes(model) -> int:
@@ -66,12 +79,14 @@ def build(config: str):
         model = optimum_atb.load_gguf(smollm2_dir(), GGUF_FILE)
         return (model.to_atb(compile=True) if compiled else model), tok
     model, tok = load_smollm2(torch.bfloat16 if name == "stock-bf16" else torch.float32)
+    if name.startswith("stock"):
+        return model, tok
+    kind, _, group = name.partition("-g")
+    group_size = int(group) if group else None
     if compiled:
-        model.to_atb(quantize=name, compile=True)
-    elif name in ("int8", "int4"):
-        optimum_atb.quantize(model, bits=8 if name == "int8" else 4)
-    elif name == "int8-g32":
-        optimum_atb.quantize(model, bits=8, group_size=32)
+        model.to_atb(quantize=kind, group_size=group_size, compile=True)
+    else:
+        optimum_atb.quantize(model, bits=8 if kind == "int8" else 4, group_size=group_size)
     return model, tok
 
 
@@ -140,8 +155,12 @@ def main() -> None:
     if args.child:
         child(args.child, batches, new_tokens, repeats)
         return
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if not is_config(c)]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; names look like {', '.join(CONFIGS)}")
     threads = setup()
-    rows = measure(args.quick, args.configs.split(","))
+    rows = measure(args.quick, configs)
     print(
         f"# bench_quant: {machine_description()} ({threads} threads), new tokens {new_tokens}, repeats {repeats}"
     )

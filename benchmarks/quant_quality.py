@@ -1,13 +1,23 @@
 """Quality of quantized SmolLM2-135M against its float32 model, and where int8's loss comes from.
 
-Part 1, per configuration (stock bf16, int8 per channel, int8 per group of 32, int4, the GGUF's Q4_1
-kept): teacher-forced on the first 512 tokens of tests/data/public_domain_text.txt, perplexity, next-token
-agreement, agreement on decisive positions (the fp32 top token leads by >= 0.5 and >= 1 logit), mean KL divergence
-(`optimum_atb.quantization.evaluate`), and greedy agreement over 5 prompts x 64 tokens.
+Part 1, per configuration (stock bf16, int8 per channel, int8 per group of 32, int4 per group of 32 and
+64, the GGUF's Q4_1 kept): teacher-forced on the first 512 tokens of tests/data/public_domain_text.txt,
+perplexity, next-token agreement, agreement on decisive positions (the fp32 top token leads by >= 0.5 and
+>= 1 logit), mean KL divergence (`optimum_atb.quantization.evaluate`), and greedy agreement over 5 prompts x
+64 tokens.
 
 Part 2, int8 per channel in isolation: the weights of one kind of linear layer at a time are replaced by
 their int8 dequantization and the model runs in float32 (so only the weight rounding differs), with the
 relative weight error beside the one round-to-nearest gives for Gaussian weights of the same shape.
+
+Part 3, whether a better rounding onto the same grid closes the gap: GPTQ (Frantar et al., 2022) of every
+linear onto the per-channel int8 grid `quantize` uses, with Hessians from the text's held-out tokens (512
+on), float32 activations, against round-to-nearest; greedy agreement included.
+
+Part 4, what int4's figures owe to the reference: its weights are a dequantized Q4_1 file, so they lie on a
+4-bit grid per 32 input columns that int4 groups of 32 nearly reproduce. The same int4 rounding with the
+groups shifted off that grid by 8 or 16 columns (decoder linears, float32 activations) shows what int4
+round-to-nearest costs on weights that are not already on such a grid.
 
     python benchmarks/quant_quality.py [--threads N]
 """
@@ -26,7 +36,7 @@ import harness  # noqa: E402
 
 import optimum_atb  # noqa: E402
 from optimum_atb.quantization import evaluate  # noqa: E402
-from optimum_atb.quantization.formats import dequantize, quantize_int8  # noqa: E402
+from optimum_atb.quantization.formats import dequantize, quantize_int4, quantize_int8  # noqa: E402
 from optimum_atb.quantization.quality import (  # noqa: E402
     compare_logits,
     greedy_continuations,
@@ -51,7 +61,8 @@ def configurations(model):
     yield "stock bf16", copy.deepcopy(model).to(torch.bfloat16)
     yield "int8 per channel", optimum_atb.quantize(copy.deepcopy(model), bits=8)
     yield "int8 per group of 32", optimum_atb.quantize(copy.deepcopy(model), bits=8, group_size=32)
-    yield "int4 group 32", optimum_atb.quantize(copy.deepcopy(model), bits=4, group_size=32)
+    for group in (32, 64):  # 128 does not divide SmolLM2's 576 input features
+        yield f"int4 group {group}", optimum_atb.quantize(copy.deepcopy(model), bits=4, group_size=group)
     yield "GGUF Q4_1 kept", optimum_atb.load_gguf(harness.smollm2_dir(), harness.GGUF_FILE)
 
 
@@ -67,6 +78,58 @@ def gaussian_int8_error(shape: torch.Size) -> float:
     return ((int8_roundtrip(w) - w).norm() / w.norm()).item()
 
 
+def int4_roundtrip_shifted(w: torch.Tensor, group_size: int, shift: int) -> torch.Tensor:
+    """`w` rounded to int4 in groups of `group_size` columns that start `shift` columns later (the last
+    group wraps around to the first columns), back to float32."""
+    rolled = torch.roll(w, -shift, dims=1)
+    return torch.roll(
+        dequantize(*quantize_int4(rolled, group_size), 4, group_size, torch.float32), shift, dims=1
+    )
+
+
+def input_hessians(model, linears: dict, ids: torch.Tensor) -> dict:
+    """X^T X / rows of every linear's input over `ids` (float64), from the float model's own forward."""
+    hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    rows = {n: 0 for n in linears}
+
+    def hook(name):
+        def record(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            hessians[name] += x.T @ x
+            rows[name] += x.shape[0]
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], 512):
+            model(ids[:, start : start + 512])
+    for h in handles:
+        h.remove()
+    return {n: h / rows[n] for n, h in hessians.items()}
+
+
+def gptq_int8(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """`w` rounded column by column onto its per-channel int8 grid, each column's rounding error spread
+    over the columns not yet rounded through the inverse Hessian's Cholesky factor (GPTQ); returns the
+    dequantized float32 weight."""
+    w = w.double().clone()
+    _, scale = quantize_int8(w)
+    scale = scale.double()[:, None]
+    h = hessian + damp * hessian.diagonal().mean() * torch.eye(w.shape[1], dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out = torch.empty_like(w)
+    for b0 in range(0, w.shape[1], block):
+        b1 = min(b0 + block, w.shape[1])
+        err = torch.empty(w.shape[0], b1 - b0, dtype=torch.float64)
+        for j in range(b0, b1):
+            out[:, j : j + 1] = (w[:, j : j + 1] / scale).round().clamp(-127, 127) * scale
+            err[:, j - b0] = (w[:, j] - out[:, j]) / u[j, j]
+            w[:, j:b1] -= err[:, j - b0 : j - b0 + 1] * u[j, j:b1]
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return out.float()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
@@ -75,7 +138,8 @@ def main() -> None:
     print(f"# quant_quality\n{harness.machine_description()}; threads={threads}\n")
     model, tok = harness.load_smollm2(torch.float32)
     with open(TEXT) as f:
-        ids = tok(f.read(), return_tensors="pt")["input_ids"][:, :512]
+        all_ids = tok(f.read(), return_tensors="pt")["input_ids"]
+    ids = all_ids[:, :512]
     ref = next_token_logits(model, ids)
     ref_tokens = greedy_continuations(model, tok, PROMPTS, NEW_TOKENS)
 
@@ -133,6 +197,41 @@ def main() -> None:
     print(f"| all ({len(every)}), int8 | {error(fake, every):.2%} | {with_weights(fake, every)} |")
     bf16 = {n: w.to(torch.bfloat16).float() for n, w in original.items()}
     print(f"| all ({len(every)}), bf16 | {error(bf16, every):.2%} | {with_weights(bf16, every)} |")
+
+    print("\nRounding onto the per-channel int8 grid, float32 activations: round-to-nearest against GPTQ "
+          f"(Hessians from tokens 512-{all_ids.shape[1]} of the text):\n")  # fmt: skip
+    print(
+        "| rounding | relative weight error | next-token agreement | margin >= 0.5 | mean KL | greedy agreement |"
+    )
+    print("|---|---|---|---|---|---|")
+    hessians = input_hessians(model, linears, all_ids[:, 512:])
+    gptq = {n: gptq_int8(w, hessians[n]) for n, w in original.items()}
+    for name, replacement in (("round-to-nearest", fake), ("GPTQ", gptq)):
+        for n in every:
+            linears[n].weight.data = replacement[n]
+        agree = (greedy_continuations(model, tok, PROMPTS, NEW_TOKENS) == ref_tokens).double().mean().item()
+        for n in every:
+            linears[n].weight.data = original[n]
+        print(
+            f"| {name} | {error(replacement, every):.2%} | {with_weights(replacement, every)} | {agree:.0%} |"
+        )
+
+    print(
+        "\nint4 round-to-nearest of the decoder linears, float32 activations, groups on and off the file's grid:\n"
+    )
+    print("| groups | relative weight error | perplexity | next-token agreement | mean KL |")
+    print("|---|---|---|---|---|")
+    decoder = [n for n in every if n != "lm_head"]
+    for group, shift in ((32, 0), (32, 8), (32, 16), (64, 0)):
+        rounded = {n: int4_roundtrip_shifted(original[n], group, shift) for n in decoder}
+        for n in decoder:
+            linears[n].weight.data = rounded[n]
+        r = evaluate(model, ref, ids)
+        for n in decoder:
+            linears[n].weight.data = original[n]
+        where = "on the grid" if shift == 0 else f"shifted by {shift} columns"
+        print(f"| {group} columns, {where} | {error(rounded, decoder):.2%} | {r.perplexity:.2f} "
+              f"({r.perplexity_change:+.1%}) | {r.next_token_agreement:.1%} | {r.mean_kl:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
