@@ -32,13 +32,17 @@ CONFIGS = (
 KINDS = ("stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1")
 
 
-def is_config(config: str) -> bool:
-    """A kind of KINDS, int8/int4 with an optional "-gN" group size, "+compile" on any but stock."""
+def parse_config(config: str) -> tuple[str, int | None, bool] | None:
+    """(kind of KINDS, group size or None, compiled) of a configuration name, None for an unknown one:
+    int8/int4 take an optional "-gN" group size, every kind but stock a "+compile"."""
     name = config.removesuffix("+compile")
+    compiled = name != config
     kind, _, group = name.partition("-g")
-    if kind not in KINDS or (kind.startswith("stock") and name != config):
-        return False
-    return not group or (kind in ("int8", "int4") and group.isdigit())
+    if kind not in KINDS or (compiled and kind.startswith("stock")):
+        return None
+    if group and (kind not in ("int8", "int4") or not group.isdigit()):
+        return None
+    return kind, int(group) if group else None, compiled
 
 
 def weight_bytes(model) -> int:
@@ -70,19 +74,17 @@ def build(config: str):
     compiled decode step); without it the quantized layers run in the stock modules, eagerly."""
     import optimum_atb
 
-    name, compiled = config.removesuffix("+compile"), config.endswith("+compile")
-    if name == "gguf-q4_1":
+    kind, group_size, compiled = parse_config(config)
+    if kind == "gguf-q4_1":
         from harness import GGUF_FILE, smollm2_dir
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
         model = optimum_atb.load_gguf(smollm2_dir(), GGUF_FILE)
         return (model.to_atb(compile=True) if compiled else model), tok
-    model, tok = load_smollm2(torch.bfloat16 if name == "stock-bf16" else torch.float32)
-    if name.startswith("stock"):
+    model, tok = load_smollm2(torch.bfloat16 if kind == "stock-bf16" else torch.float32)
+    if kind.startswith("stock"):
         return model, tok
-    kind, _, group = name.partition("-g")
-    group_size = int(group) if group else None
     if compiled:
         model.to_atb(quantize=kind, group_size=group_size, compile=True)
     else:
@@ -156,7 +158,7 @@ def main() -> None:
         child(args.child, batches, new_tokens, repeats)
         return
     configs = args.configs.split(",")
-    unknown = [c for c in configs if not is_config(c)]
+    unknown = [c for c in configs if parse_config(c) is None]
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; names look like {', '.join(CONFIGS)}")
     threads = setup()

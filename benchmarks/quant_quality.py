@@ -25,6 +25,7 @@ round-to-nearest costs on weights that are not already on such a grid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -170,13 +171,21 @@ def main() -> None:
     original = {n: m.weight.data for n, m in linears.items()}
     fake = {n: int8_roundtrip(w) for n, w in original.items()}
 
-    def with_weights(replacement: dict, names: list[str]) -> str:
-        """Agreement figures with `names`' weights taken from `replacement`, the rest float32."""
+    @contextlib.contextmanager
+    def weights_from(replacement: dict, names: list[str]):
+        """`names`' weights taken from `replacement` inside the block, the rest float32."""
         for n in names:
             linears[n].weight.data = replacement[n]
-        r = evaluate(model, ref, ids, margin=0.5)
-        for n in names:
-            linears[n].weight.data = original[n]
+        try:
+            yield
+        finally:
+            for n in names:
+                linears[n].weight.data = original[n]
+
+    def with_weights(replacement: dict, names: list[str]) -> str:
+        """Agreement figures with `names`' weights taken from `replacement`, the rest float32."""
+        with weights_from(replacement, names):
+            r = evaluate(model, ref, ids, margin=0.5)
         return f"{r.next_token_agreement:.1%} | {r.decisive_agreement:.1%} | {r.mean_kl:.4f}"
 
     def error(replacement: dict, names: list[str]) -> float:
@@ -194,7 +203,8 @@ def main() -> None:
             f"| {kind} ({len(names)}), int8 | {error(fake, names):.2%} ({gauss:.2%}) | {with_weights(fake, names)} |"
         )
     every = list(linears)
-    print(f"| all ({len(every)}), int8 | {error(fake, every):.2%} | {with_weights(fake, every)} |")
+    figures = {"round-to-nearest": with_weights(fake, every)}
+    print(f"| all ({len(every)}), int8 | {error(fake, every):.2%} | {figures['round-to-nearest']} |")
     bf16 = {n: w.to(torch.bfloat16).float() for n, w in original.items()}
     print(f"| all ({len(every)}), bf16 | {error(bf16, every):.2%} | {with_weights(bf16, every)} |")
 
@@ -206,15 +216,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     hessians = input_hessians(model, linears, all_ids[:, 512:])
     gptq = {n: gptq_int8(w, hessians[n]) for n, w in original.items()}
+    figures["GPTQ"] = with_weights(gptq, every)
     for name, replacement in (("round-to-nearest", fake), ("GPTQ", gptq)):
-        for n in every:
-            linears[n].weight.data = replacement[n]
-        agree = (greedy_continuations(model, tok, PROMPTS, NEW_TOKENS) == ref_tokens).double().mean().item()
-        for n in every:
-            linears[n].weight.data = original[n]
-        print(
-            f"| {name} | {error(replacement, every):.2%} | {with_weights(replacement, every)} | {agree:.0%} |"
-        )
+        with weights_from(replacement, every):
+            agree = (
+                (greedy_continuations(model, tok, PROMPTS, NEW_TOKENS) == ref_tokens).double().mean().item()
+            )
+        print(f"| {name} | {error(replacement, every):.2%} | {figures[name]} | {agree:.0%} |")
 
     print(
         "\nint4 round-to-nearest of the decoder linears, float32 activations, groups on and off the file's grid:\n"
@@ -224,11 +232,8 @@ def main() -> None:
     decoder = [n for n in every if n != "lm_head"]
     for group, shift in ((32, 0), (32, 8), (32, 16), (64, 0)):
         rounded = {n: int4_roundtrip_shifted(original[n], group, shift) for n in decoder}
-        for n in decoder:
-            linears[n].weight.data = rounded[n]
-        r = evaluate(model, ref, ids)
-        for n in decoder:
-            linears[n].weight.data = original[n]
+        with weights_from(rounded, decoder):
+            r = evaluate(model, ref, ids)
         where = "on the grid" if shift == 0 else f"shifted by {shift} columns"
         print(f"| {group} columns, {where} | {error(rounded, decoder):.2%} | {r.perplexity:.2f} "
               f"({r.perplexity_change:+.1%}) | {r.next_token_agreement:.1%} | {r.mean_kl:.3f} |")  # fmt: skip

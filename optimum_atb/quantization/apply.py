@@ -133,7 +133,6 @@ def quantize(
     while pending:
         name, layer, layer_bits, layer_group = pending.popleft()
         replace_module(model, name, QuantLinear.from_linear(layer, layer_bits, layer_group))
-        del layer
     if untie:
         untie_output_embeddings(model)
     attach_config(model, bits, group_size, include_lm_head, skip)
