@@ -7,6 +7,9 @@
 * paged decode: B=64, context 4096, block size 16 and 128, same heads: ``ops.paged_attention`` (triton) vs
   gather-from-the-pool + SDPA, as achieved bandwidth over the K/V bytes (GB/s) and as a fraction of a
   measured device-to-device copy bandwidth.
+* weight-only quantized matmul (W8A16 per channel, W4A16 groups of 32), a LLaMA-7B MLP shape (N=11008,
+  K=4096), bf16 activations, at 1 and 16 rows (decode: GB/s of weight bytes read, and of copy bandwidth)
+  and 2048 rows (prefill: TFLOP/s): the Triton kernel vs cuBLAS on the bf16 weight (``F.linear``).
 
 Every case is first checked against the torch path at the same sizes; timings are medians of
 ``triton.testing.do_bench``. Results are printed as Markdown and written as JSON.
@@ -24,6 +27,9 @@ import torch
 
 PREFILL = dict(batch=4, seqlen=2048, hq=32, hkv=8, head_dim=128)
 DECODE = dict(batch=64, context=4096, hq=32, hkv=8, head_dim=128)
+QUANT_MATMUL = dict(n=11008, k=4096)
+QUANT_FORMATS = ((8, None), (4, 32))
+QUANT_ROWS = (1, 16, 2048)
 
 
 def _bench(fn) -> float:
@@ -126,6 +132,44 @@ def bench_decode(
     }
 
 
+def bench_quant_matmul(rows: int, n: int, k: int, bits: int, group_size: int | None, copy_gbs: float) -> dict:
+    from optimum_atb import use_backend
+    from optimum_atb.quantization import QuantLinear
+
+    dt = torch.bfloat16
+    linear = torch.nn.Linear(k, n, bias=False, device="cuda")
+    layer = QuantLinear.from_linear(linear, bits, group_size)
+    weight = layer.dequantized_weight(dt)  # the same weights, for cuBLAS
+    x = torch.randn(rows, k, device="cuda", dtype=dt)
+
+    def cublas():
+        return torch.nn.functional.linear(x, weight)
+
+    def triton_quant():
+        with use_backend("triton"):
+            return layer(x)
+
+    want = cublas()
+    err = _check(f"W{bits}A16 rows={rows}", triton_quant(), want, atol=2e-2 * want.abs().max().item())
+    ms_base, ms_triton = _bench(cublas), _bench(triton_quant)
+    fmt = f"W{bits}A16" + ("" if group_size is None else f" g{group_size}")
+    case = f"{fmt} matmul M={rows} N={n} K={k} bf16"
+    row = {"case": case, "baseline": "cuBLAS bf16 weight", "baseline_ms": ms_base, "triton_ms": ms_triton,
+           "max_abs_diff": err}  # fmt: skip
+    if rows > 16:
+        flops = 2 * rows * n * k
+        row.update(baseline_tflops=flops / ms_base / 1e9, triton_tflops=flops / ms_triton / 1e9)
+    else:  # bandwidth of the bytes each kernel must read: its own weights (and scales)
+        base_bytes = weight.numel() * weight.element_size()
+        quant_bytes = sum(t.numel() * t.element_size() for t in layer.buffers())
+        row.update(
+            baseline_gbs=base_bytes / ms_base / 1e6,
+            triton_gbs=quant_bytes / ms_triton / 1e6,
+            triton_fraction_of_copy=quant_bytes / ms_triton / 1e6 / copy_gbs,
+        )
+    return row
+
+
 def markdown(results: dict) -> str:
     lines = [f"GPU: {results['gpu']}, torch {results['torch']}, triton {results['triton']}", ""]
     lines.append(f"Device-to-device copy: {results['copy_gbs']:.0f} GB/s")
@@ -157,6 +201,11 @@ def measure(quick: bool) -> dict:
     copy_gbs = copy_bandwidth_gbs()
     rows = [bench_prefill(**prefill)]
     rows += [bench_decode(**decode, block_size=bs, copy_gbs=copy_gbs) for bs in (16, 128)]
+    rows += [
+        bench_quant_matmul(m, **QUANT_MATMUL, bits=bits, group_size=group, copy_gbs=copy_gbs)
+        for bits, group in QUANT_FORMATS
+        for m in (QUANT_ROWS[:2] if quick else QUANT_ROWS)
+    ]
     return {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -8,6 +8,7 @@ import torch
 
 import optimum_atb
 from optimum_atb.kernels.dispatch import get_kernel
+from optimum_atb.kernels.quant_triton import tile_sizes
 from optimum_atb.quantization import QuantLinear
 from optimum_atb.quantization.formats import dequantize, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
@@ -131,14 +132,62 @@ def test_torch_backend_falls_back_with_warning_for_odd_shapes():
 
 
 @pytest.mark.parametrize("bits,group", FORMATS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_backend_interpreted(bits, group, dtype):
-    layer = _layer(bits, group, k=96 if group != 64 else 128, n=40)  # K and N not multiples of the tiles
-    x = torch.randn(5, layer.in_features).to(dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [5, 40])  # a decode-sized tile and a prefill-sized one
+def test_triton_backend_interpreted(bits, group, dtype, rows):
+    """fp32: within 1e-5 of float64. fp16/bf16: the weights are never rounded to the activations' dtype,
+    so the output is float64's product of the same operands rounded once to that dtype (float32
+    accumulation may move a rare element by one unit in the last place)."""
+    layer = _layer(bits, group, k=96 if group != 64 else 128, n=40, bias=False)  # K, N off the tiles
+    x = torch.randn(rows, layer.in_features).to(dtype)
     with optimum_atb.use_backend("triton"):
         y = layer(x)
-    tol = 1e-5 if dtype == torch.float32 else 5e-3
-    assert y.dtype == dtype and _rel_err(y, _reference(layer, x)) < tol
+    ref = _reference(layer, x)
+    assert y.dtype == dtype and y.shape == (rows, 40)
+    if dtype == torch.float32:
+        assert _rel_err(y, ref) < 1e-5
+    else:
+        assert (y == ref.to(dtype)).double().mean().item() >= 0.99
+        torch.testing.assert_close(y.double(), ref, rtol=1.5 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+def test_triton_backend_adds_bias():
+    layer = _layer(4, 32, k=96, n=40, bias=True)
+    x = torch.randn(2, 3, 96)
+    with optimum_atb.use_backend("triton"):
+        y = layer(x)
+    assert y.shape == (2, 3, 40) and _rel_err(y, _reference(layer, x)) < 1e-5
+
+
+def test_triton_fp32_products_are_ieee_not_tf32(monkeypatch):
+    """On a GPU ``tl.dot`` rounds fp32 operands to TF32 unless told otherwise (the interpreter does not,
+    so the launch itself is checked): an fp32 model must get fp32 products, as stock PyTorch gives it."""
+    from optimum_atb.kernels import quant_triton
+
+    launches = []
+    kernel = quant_triton._wq_matmul_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(quant_triton, "_wq_matmul_kernel", Recorder())
+    layer = _layer(8, None, k=64, n=32)
+    with optimum_atb.use_backend("triton"):
+        layer(torch.randn(2, 64))
+    assert [kw.get("PREC") for kw in launches] == ["ieee"]
+
+
+@pytest.mark.parametrize("group", [None, 32, 64, 128, 256])
+@pytest.mark.parametrize("rows", [1, 16, 17, 4096])
+def test_triton_tiles_keep_each_k_block_inside_one_group(group, rows):
+    block_m, block_n, block_k = tile_sizes(rows, 4096, group)
+    assert group is None or group % block_k == 0
+    assert block_m >= 16 and block_n >= 16 and block_k >= 16  # tl.dot's minimum
 
 
 @pytest.mark.parametrize("bits,group", FORMATS)
