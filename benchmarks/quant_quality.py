@@ -4,7 +4,8 @@ Part 1, per configuration (stock bf16, int8 per channel, int8 per group of 32, i
 64, the GGUF's Q4_1 kept): teacher-forced on the first 512 tokens of tests/data/public_domain_text.txt,
 perplexity, next-token agreement, agreement on decisive positions (the fp32 top token leads by >= 0.5 and
 >= 1 logit), mean KL divergence (`optimum_atb.quantization.evaluate`), and greedy agreement over 5 prompts x
-64 tokens.
+64 tokens: position-wise, and along fp32's greedy path (each token predicted from fp32's own earlier
+tokens, `continuation_logits`), where one near-tie flip does not change the rest of its row.
 
 Part 2, int8 per channel in isolation: the weights of one kind of linear layer at a time are replaced by
 their int8 dequantization and the model runs in float32 (so only the weight rounding differs), with the
@@ -40,6 +41,7 @@ from optimum_atb.quantization import evaluate  # noqa: E402
 from optimum_atb.quantization.formats import dequantize, quantize_int4, quantize_int8  # noqa: E402
 from optimum_atb.quantization.quality import (  # noqa: E402
     compare_logits,
+    continuation_logits,
     greedy_continuations,
     next_token_logits,
     next_token_targets,
@@ -143,12 +145,15 @@ def main() -> None:
     ids = all_ids[:, :512]
     ref = next_token_logits(model, ids)
     ref_tokens = greedy_continuations(model, tok, PROMPTS, NEW_TOKENS)
+    ref_path = continuation_logits(model, tok, PROMPTS, ref_tokens)
+    path_targets = ref_tokens.reshape(-1)
 
     targets = next_token_targets(ids)
     fp32_ppl = compare_logits(ref, ref, targets).perplexity  # from the logits already computed
     print(f"| model | perplexity (fp32 {fp32_ppl:.2f}) | next-token agreement | agreement where fp32's top-2 "
-          "margin >= 0.5 / >= 1.0 logit | mean KL | greedy agreement |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "margin >= 0.5 / >= 1.0 logit | mean KL | greedy agreement | along fp32's greedy path (where "
+          "margin >= 1.0) | KL on that path |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name, quantized in configurations(model):
         logits = next_token_logits(quantized, ids)
         r = compare_logits(logits, ref, targets, margin=1.0)
@@ -156,9 +161,13 @@ def main() -> None:
         agree = (
             (greedy_continuations(quantized, tok, PROMPTS, NEW_TOKENS) == ref_tokens).double().mean().item()
         )
+        path = compare_logits(
+            continuation_logits(quantized, tok, PROMPTS, ref_tokens), ref_path, path_targets
+        )
         print(f"| {name} | {r.perplexity:.2f} ({r.perplexity_change:+.1%}) | {r.next_token_agreement:.1%} "
               f"| {half.decisive_agreement:.1%} of {half.decisive_share:.0%} / {r.decisive_agreement:.1%} of "
-              f"{r.decisive_share:.0%} | {r.mean_kl:.4f} | {agree:.0%} |")  # fmt: skip
+              f"{r.decisive_share:.0%} | {r.mean_kl:.4f} | {agree:.0%} | {path.next_token_agreement:.1%} "
+              f"({path.decisive_agreement:.0%} of {path.decisive_share:.0%}) | {path.mean_kl:.4f} |")  # fmt: skip
         del quantized
 
     gap = top2_margin(ref)

@@ -128,3 +128,28 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: list[str], new_to
         **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
     )
     return out[:, inputs["input_ids"].shape[1] :]
+
+
+@torch.inference_mode()
+def continuation_logits(
+    model: nn.Module, tokenizer, prompts: list[str], continuation: torch.Tensor
+) -> torch.Tensor:
+    """Float32 logits [B * T, V] of `model` predicting each token of `continuation` [B, T] (a reference's
+    :func:`greedy_continuations` of `prompts`) from its prompt and the continuation's earlier tokens.
+
+    Teacher-forced on the reference's own greedy text, so each position counts one decision: compared with
+    the reference's logits (:func:`compare_logits`, ``targets=continuation.reshape(-1)``) this gives the
+    agreement along the reference's greedy path, where position-wise greedy agreement lets one early
+    near-tie flip change every later token of its row."""
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    if continuation.dim() != 2 or continuation.shape[0] != len(prompts):
+        raise ValueError(
+            f"expected a continuation [len(prompts)={len(prompts)}, T], got {tuple(continuation.shape)}"
+        )
+    ids = torch.cat([inputs["input_ids"], continuation], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(continuation)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+    start = inputs["input_ids"].shape[1] - 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start:-1]
+    return logits.float().reshape(-1, logits.shape[-1])
