@@ -141,12 +141,12 @@ def continuation_logits(
     the reference's logits (:func:`compare_logits`, ``targets=continuation.reshape(-1)``) this gives the
     agreement along the reference's greedy path, where position-wise greedy agreement lets one early
     near-tie flip change every later token of its row."""
-    tokenizer.padding_side = "left"
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     if continuation.dim() != 2 or continuation.shape[0] != len(prompts):
         raise ValueError(
             f"expected a continuation [len(prompts)={len(prompts)}, T], got {tuple(continuation.shape)}"
         )
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     ids = torch.cat([inputs["input_ids"], continuation], 1)
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(continuation)], 1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
