@@ -330,32 +330,84 @@ def reshape_and_cache(
 
 # ---------------------------------------------------------------------------------------------- matmul
 
-SMALL_GEMM_ROWS = 8  # float32 CPU products with at most this many rows take the weight @ x^T form
+SMALL_GEMM_ROWS = 8  # float32 CPU products with at most this many rows may take the weight @ x^T form
 _CHUNK_ROWS = 4
+_FORM_MARGIN = 0.9  # the weight @ x^T form is chosen only when it takes < 90% of F.linear's time
+_CALIBRATION_BYTES = 16 << 20  # weights smaller than this are timed over copies, so they come from memory
+_weight_first_faster: dict[tuple[int, int, int], bool] = {}
+
+
+def _weight_first(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``flat @ weight.T`` computed as ``weight @ flat.T`` ([rows, K] -> [N, rows])."""
+    rows, k = flat.shape
+    if rows == 1:
+        return (weight @ flat.expand(2, k).contiguous().T)[:, :1]
+    chunks = -(-rows // _CHUNK_ROWS)
+    parts = [weight @ part.T for part in flat.split(-(-rows // chunks))]
+    return parts[0] if chunks == 1 else torch.cat(parts, dim=1)
+
+
+def _seconds(fn, weights: list[torch.Tensor], repeats: int = 3) -> float:
+    import time
+
+    fn(weights[0])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for w in weights:
+            fn(w)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.no_grad()
+def calibrate_linear_forms(weight: torch.Tensor) -> None:
+    """Time ``F.linear`` against the weight @ x^T form for 1..SMALL_GEMM_ROWS rows of this weight shape
+    and remember which is faster (once per shape and process, about 0.1-0.2 s for SmolLM2).
+
+    Which form streams a float32 weight faster for a few rows depends on the CPU's BLAS: on an AMD EPYC
+    the weight @ x^T form is 1.1-3.6x faster, on an Intel Xeon with AVX-512 0.34-0.59x (docs/results-cpu.md).
+    """
+    n, k = weight.shape
+    copies = max(1, min(4, _CALIBRATION_BYTES // max(1, weight.numel() * weight.element_size())))
+    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    for rows in range(1, SMALL_GEMM_ROWS + 1):
+        flat = torch.randn(rows, k, dtype=weight.dtype)
+        stock = _seconds(lambda w, x=flat: F.linear(x, w), weights)
+        ours = _seconds(lambda w, x=flat: _weight_first(w, x), weights)
+        _weight_first_faster[_key(weight, rows)] = ours < _FORM_MARGIN * stock
+
+
+def _key(weight: torch.Tensor, rows: int) -> tuple[int, int, int]:
+    return (
+        weight.shape[0],
+        weight.shape[1],
+        rows,
+    )  # (no thread count: reading it breaks a torch.compile graph)
 
 
 @register("linear", "torch")
 def linear(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, except float32 on the CPU with 1 to 8 rows (decode, speculative verification).
+    """``F.linear``, or for float32 on the CPU with 1 to 8 rows (decode, speculative verification)
+    ``weight @ x^T`` where that was measured faster on this machine (:func:`calibrate_linear_forms`).
 
-    There the product runs as ``weight @ x^T``: the BLAS call ``F.linear`` makes (``x @ weight^T``) streams
-    the weight at 9-16 GB/s for so few rows on the reference CPU, ``weight @ x^T`` with 2 to 4 columns at
-    35-43 GB/s (docs/results-cpu.md). Rows go in near-equal chunks of at most 4; a single row is doubled
-    (a one-column product is a GEMV, back at ~16 GB/s).
+    On the AMD EPYC this project was first measured on, the BLAS call ``F.linear`` makes
+    (``x @ weight^T``) streams the weight at 9-16 GB/s for so few rows, ``weight @ x^T`` with 2 to 4 columns
+    at 35-43 GB/s; on an Intel Xeon F.linear is the faster one. Rows go in near-equal chunks of at most 4;
+    a single row is doubled (a one-column product is a GEMV).
     """
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     small_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-    if not (small_fp32 and 0 < rows <= SMALL_GEMM_ROWS):
+    # calibrated at the first eager call (e.g. a prefill) for every row count; a weight first seen inside
+    # a trace is not timed there and takes F.linear
+    if small_fp32 and _key(weight, 1) not in _weight_first_faster and not torch.compiler.is_compiling():
+        calibrate_linear_forms(weight.detach())
+    if not (
+        small_fp32 and 0 < rows <= SMALL_GEMM_ROWS and _weight_first_faster.get(_key(weight, rows), False)
+    ):
         return F.linear(x, weight, bias)
-    flat = x.reshape(rows, k)
-    if rows == 1:
-        out = (weight @ flat.expand(2, k).contiguous().T)[:, :1]
-    else:
-        chunks = -(-rows // _CHUNK_ROWS)
-        parts = [weight @ part.T for part in flat.split(-(-rows // chunks))]
-        out = parts[0] if chunks == 1 else torch.cat(parts, dim=1)
-    out = out.T.contiguous()
+    out = _weight_first(weight, x.reshape(rows, k)).T.contiguous()
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -415,6 +415,20 @@ LINEAR_SHAPES = [
 ]
 
 
+class _ForcedForm(dict):
+    """Stands in for torch_ops' calibration table: every shape is 'calibrated' to one form."""
+
+    def __init__(self, weight_first: bool) -> None:
+        super().__init__()
+        self.weight_first = weight_first
+
+    def __contains__(self, key) -> bool:
+        return True
+
+    def get(self, key, default=None):
+        return self.weight_first
+
+
 @pytest.mark.parametrize("lead,k,n", LINEAR_SHAPES)
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("bias", [False, True])
@@ -427,6 +441,44 @@ def test_linear(backend, lead, k, n, dtype, bias):
 
     assert got.dtype == dtype and got.shape == (*lead, n) and got.is_contiguous()
     assert_close(got, ref.linear(x, w, b), dtype, what="linear")
+
+
+@pytest.mark.parametrize("weight_first", [True, False])
+@pytest.mark.parametrize("lead,k,n", LINEAR_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_torch_linear_small_row_forms(monkeypatch, weight_first, lead, k, n, bias):
+    """Both forms the CPU calibration can pick (this CPU's choice is what test_linear checks)."""
+    from optimum_atb.kernels import torch_ops
+
+    monkeypatch.setattr(torch_ops, "_weight_first_faster", _ForcedForm(weight_first))
+    x, w = rand(*lead, k, dtype=F32), rand(n, k, dtype=F32)
+    b = rand(n, dtype=F32) if bias else None
+    got = ops.linear(x, w, b)
+    assert got.shape == (*lead, n) and got.is_contiguous()
+    assert_close(got, ref.linear(x, w, b), F32, what="linear")
+
+
+def test_linear_form_is_timed_once_per_shape_and_the_faster_one_kept(monkeypatch):
+    from optimum_atb.kernels import torch_ops
+
+    table: dict = {}
+    monkeypatch.setattr(torch_ops, "_weight_first_faster", table)
+    timed = []
+
+    def fake_seconds(fn, weights, repeats=3):  # the weight @ x^T form "faster" for 1-2 rows only
+        timed.append(fn)
+        rows = fn.__defaults__[0].shape[0]
+        is_ours = "_weight_first" in fn.__code__.co_names
+        return (0.5 if rows <= 2 else 2.0) if is_ours else 1.0
+
+    monkeypatch.setattr(torch_ops, "_seconds", fake_seconds)
+    w = torch.randn(29, 37)
+    ops.linear(torch.randn(3, 37), w)
+    assert table == {(29, 37, rows): rows <= 2 for rows in range(1, torch_ops.SMALL_GEMM_ROWS + 1)}
+    calls = len(timed)
+    ops.linear(torch.randn(1, 37), w)
+    ops.linear(torch.randn(20, 37), w)
+    assert len(timed) == calls  # once per shape
 
 
 def test_linear_gradients_match_f_linear():
