@@ -9,6 +9,8 @@ Masking follows the conventions of :mod:`optimum_atb.ops`. Inputs arrive validat
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -347,15 +349,18 @@ def _weight_first(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return parts[0] if chunks == 1 else torch.cat(parts, dim=1)
 
 
-def _seconds(fn, weights: list[torch.Tensor], repeats: int = 3) -> float:
-    import time
+def _stock_form(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    return F.linear(flat, weight)
 
-    fn(weights[0])  # warm-up
+
+def _seconds(form, weights: list[torch.Tensor], flat: torch.Tensor, repeats: int = 3) -> float:
+    """Best of `repeats` passes of ``form(w, flat)`` over `weights` (after one warm-up call)."""
+    form(weights[0], flat)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for w in weights:
-            fn(w)
+            form(w, flat)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -368,22 +373,20 @@ def calibrate_linear_forms(weight: torch.Tensor) -> None:
     Which form streams a float32 weight faster for a few rows depends on the CPU's BLAS: on an AMD EPYC
     the weight @ x^T form is 1.1-3.6x faster, on an Intel Xeon with AVX-512 0.34-0.59x (docs/results-cpu.md).
     """
-    n, k = weight.shape
     copies = max(1, min(4, _CALIBRATION_BYTES // max(1, weight.numel() * weight.element_size())))
     weights = [weight] + [weight.clone() for _ in range(copies - 1)]
     for rows in range(1, SMALL_GEMM_ROWS + 1):
-        flat = torch.randn(rows, k, dtype=weight.dtype)
-        stock = _seconds(lambda w, x=flat: F.linear(x, w), weights)
-        ours = _seconds(lambda w, x=flat: _weight_first(w, x), weights)
-        _weight_first_faster[_key(weight, rows)] = ours < _FORM_MARGIN * stock
+        flat = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+        stock = _seconds(_stock_form, weights, flat)
+        _weight_first_faster[_key(weight, rows)] = (
+            _seconds(_weight_first, weights, flat) < _FORM_MARGIN * stock
+        )
 
 
 def _key(weight: torch.Tensor, rows: int) -> tuple[int, int, int]:
-    return (
-        weight.shape[0],
-        weight.shape[1],
-        rows,
-    )  # (no thread count: reading it breaks a torch.compile graph)
+    """Calibration key: the weight's shape and the row count (not the thread count: reading it inside a
+    torch.compile trace breaks the graph)."""
+    return weight.shape[0], weight.shape[1], rows
 
 
 @register("linear", "torch")
