@@ -7,6 +7,11 @@ kernel) runs as two int4 kernels over the high and low nibbles of ``q + 128``: w
 scale, ``q * s = 16 s (((q + 128) >> 4) - 8) + s (((q + 128) & 15) - 8) + 8 s``, both exact in bf16 for
 a bf16 ``s``. Shapes or devices the packed kernels do not take fall back to dequantize-then-matmul, with
 a one-time warning.
+
+Inside a ``torch.compile`` trace a single row of int8 (a batch-1 decode step) is written as the
+dequantize-and-reduce ``sum(x * q) * s`` in float32 instead: inductor fuses it into one vectorised loop
+that reads the int8 weight from memory faster than the packed kernel does (docs/results-cpu.md). Same
+weight; the activations of an fp32 model are then not rounded to bf16 (closer to the float result).
 """
 
 from __future__ import annotations
@@ -67,6 +72,12 @@ def prepare(*, qweight, scale, zero, bits, group_size) -> dict:
     return {"kind": "int4", "weight": packed, "scale_zero": scale_zero, "group_size": group_size}
 
 
+def _int8_row_reduce(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One row x [1, K] times the int8 weight [N, K] and its scale [N], in float32, as a reduction
+    inductor fuses (not for eager use: eagerly it would materialise the [N, K] products)."""
+    return ((x.float() * weight.float()).sum(-1) * scale.float()).unsqueeze(0)
+
+
 @register("weight_quant_matmul", "torch")
 def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ dequant(W).T + bias`` in the layout `prepare` produced; output in x's dtype."""
@@ -75,7 +86,9 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(_KERNEL_DTYPE)
-    if state["kind"] == "int8":
+    if state["kind"] == "int8" and x2.shape[0] == 1 and torch.compiler.is_compiling():
+        y = _int8_row_reduce(x.reshape(1, shape[-1]), state["weight"], state["scale"])
+    elif state["kind"] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, state["weight"], state["scale"])
     elif state["kind"] == "int8_groups":
         (hi, hi_sz), (lo, lo_sz) = state["halves"]

@@ -123,6 +123,31 @@ def test_torch_int8_kernel_takes_a_misaligned_weight():
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_torch_int8_under_compile_reduces_one_row_and_keeps_the_packed_kernel_for_more(rows):
+    """A compiled batch-1 decode step computes int8 as sum(x * q) * s in float32 (fused by inductor): the
+    float64 result to fp32 precision. More rows keep the packed kernel and its bf16 activations."""
+    layer = _layer(8, None, k=192, n=80, bias=False)
+    x = torch.randn(rows, 192)
+    with optimum_atb.use_backend("torch"):
+        eager = layer(x)
+        seen: list[str] = []
+
+        def recording_backend(gm, example_inputs):
+            seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+            return gm
+
+        torch._dynamo.reset()
+        traced = torch.compile(layer, backend=recording_backend, fullgraph=True, dynamic=False)(x)
+        compiled = torch.compile(layer, backend="inductor", fullgraph=True, dynamic=False)(x)
+    uses_packed = any("_weight_int8pack_mm" in target for target in seen)
+    assert uses_packed == (rows > 1)
+    for y in (traced, compiled):
+        assert _rel_err(y, _reference(layer, x)) < (1e-5 if rows == 1 else BF16_TOL)
+    if rows > 1:
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 def test_torch_backend_falls_back_with_warning_for_odd_shapes():
     layer = QuantLinear.from_linear(torch.nn.Linear(40, 8), 8, None)  # in_features % 16 != 0
     x = torch.randn(3, 40)
