@@ -85,9 +85,10 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
         w = dequantize(*state["args"], dtype=x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).to(_KERNEL_DTYPE)
-    if state["kind"] == "int8" and x2.shape[0] == 1 and torch.compiler.is_compiling():
-        y = _int8_row_reduce(x.reshape(1, shape[-1]), state["weight"], state["scale"])
+    flat = x.reshape(-1, shape[-1])
+    x2 = flat.to(_KERNEL_DTYPE)
+    if state["kind"] == "int8" and flat.shape[0] == 1 and torch.compiler.is_compiling():
+        y = _int8_row_reduce(flat, state["weight"], state["scale"])
     elif state["kind"] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, state["weight"], state["scale"])
     elif state["kind"] == "int8_groups":
