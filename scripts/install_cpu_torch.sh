@@ -6,6 +6,7 @@ PY=${PYTHON:-python3}
 if "$PY" -c "import torch" 2>/dev/null; then
   exit 0
 fi
-# A local wheel (pip's find-links) first, then PyTorch's CPU index.
-"$PY" -m pip install -q --no-index "torch==2.13.0" 2>/dev/null \
+# The CPU wheel from pip's find-links first (its dependencies from the package index; `+cpu` matches no
+# CUDA build on PyPI), then PyTorch's CPU index.
+"$PY" -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
   || "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
