@@ -19,7 +19,8 @@ if __name__ == "kernels":
     _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
     if _spec is None:
         raise ModuleNotFoundError(
-            "No module named 'kernels' (the repository's kernels/ folder is optimum_atb.kernels)", name="kernels"
+            "No module named 'kernels' (the repository's kernels/ folder is optimum_atb.kernels)",
+            name="kernels",
         )
     _module = _util.module_from_spec(_spec)
     _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this file

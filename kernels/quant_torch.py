@@ -8,10 +8,11 @@ scale, ``q * s = 16 s (((q + 128) >> 4) - 8) + s (((q + 128) & 15) - 8) + 8 s``,
 a bf16 ``s``. Shapes or devices the packed kernels do not take fall back to dequantize-then-matmul, with
 a one-time warning.
 
-Inside a ``torch.compile`` trace a single row of int8 (a batch-1 decode step) is written as the
-dequantize-and-reduce ``sum(x * q) * s`` in float32 instead: inductor fuses it into one vectorised loop
-that reads the int8 weight from memory faster than the packed kernel does (docs/results-cpu.md). Same
-weight; the activations of an fp32 model are then not rounded to bf16 (closer to the float result).
+On a CPU with AVX-512, inside a ``torch.compile`` trace a single row of int8 (a batch-1 decode step) is
+written as the dequantize-and-reduce ``sum(x * q) * s`` in float32 instead: inductor fuses it into one
+vectorised loop that reads the int8 weight faster than the packed kernel does there; with AVX2 only, the
+loop inductor writes is about 3x slower than the packed kernel, which stays (``INT8_ROW_REDUCE``,
+docs/results-cpu.md). Same weight; the activations of an fp32 model are then not rounded to bf16.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from optimum_atb.quantization.formats import dequantize, unpack_int4
 
 _KERNEL_DTYPE = torch.bfloat16
 _ALIGN = 64  # bytes
+# A compiled one-row int8 product as inductor's fused reduce instead of the packed kernel: measured 1.7x
+# faster on an Intel Xeon with AVX-512 (33 against 56 us per 1536 x 576 matmul), 3.2x slower on an AMD
+# EPYC with AVX2 only (404 against 127 us); not measured on other CPUs.
+INT8_ROW_REDUCE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _packed_kernel_reason(qweight, bits, group_size, device) -> str | None:
@@ -87,7 +92,7 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     x2 = flat.to(_KERNEL_DTYPE)
-    if state["kind"] == "int8" and flat.shape[0] == 1 and torch.compiler.is_compiling():
+    if state["kind"] == "int8" and flat.shape[0] == 1 and INT8_ROW_REDUCE and torch.compiler.is_compiling():
         y = _int8_row_reduce(flat, state["weight"], state["scale"])
     elif state["kind"] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, state["weight"], state["scale"])

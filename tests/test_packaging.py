@@ -50,7 +50,9 @@ def test_installed_layout(tmp_path):
         f"a top-level 'kernels' module resolves into this repository: {origin}"
     )
     top = found["top_level_kernels_file"]  # transformers >= 5.25 imports Hugging Face's `kernels` itself
-    assert top is None or not Path(top).resolve().is_relative_to(REPO), f"a top-level 'kernels' from here: {top}"
+    assert top is None or not Path(top).resolve().is_relative_to(REPO), (
+        f"a top-level 'kernels' from here: {top}"
+    )
     assert found["before"] == found["after"], "import optimum_atb changed transformers.is_kernels_available()"
     assert Path(found["optimum_atb.kernels"]).resolve() == REPO / "kernels" / "__init__.py"
     assert Path(found["optimum_atb.patches"]).resolve() == REPO / "patches" / "__init__.py"

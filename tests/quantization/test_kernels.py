@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import optimum_atb
+from optimum_atb.kernels import quant_torch
 from optimum_atb.kernels.dispatch import get_kernel
 from optimum_atb.kernels.quant_triton import tile_sizes
 from optimum_atb.quantization import QuantLinear
@@ -123,12 +124,16 @@ def test_torch_int8_kernel_takes_a_misaligned_weight():
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("row_reduce", [True, False], ids=["avx512", "avx2"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_torch_int8_under_compile_reduces_one_row_and_keeps_the_packed_kernel_for_more(rows):
-    """A compiled batch-1 decode step computes int8 as sum(x * q) * s in float32 (fused by inductor): the
-    float64 result to fp32 precision. More rows keep the packed kernel and its bf16 activations."""
+def test_torch_int8_under_compile_reduces_one_row_where_it_pays(rows, row_reduce, monkeypatch):
+    """Where the one-row reduce pays (AVX-512), a compiled batch-1 decode step computes int8 as
+    sum(x * q) * s in float32 (fused by inductor): the float64 result to fp32 precision. More rows, or a
+    CPU where it does not pay (AVX2), keep the packed kernel and its bf16 activations."""
+    monkeypatch.setattr(quant_torch, "INT8_ROW_REDUCE", row_reduce)
     layer = _layer(8, None, k=192, n=80, bias=False)
     x = torch.randn(rows, 192)
+    reduces = rows == 1 and row_reduce
     with optimum_atb.use_backend("torch"):
         eager = layer(x)
         seen: list[str] = []
@@ -141,10 +146,10 @@ def test_torch_int8_under_compile_reduces_one_row_and_keeps_the_packed_kernel_fo
         traced = torch.compile(layer, backend=recording_backend, fullgraph=True, dynamic=False)(x)
         compiled = torch.compile(layer, backend="inductor", fullgraph=True, dynamic=False)(x)
     uses_packed = any("_weight_int8pack_mm" in target for target in seen)
-    assert uses_packed == (rows > 1)
+    assert uses_packed == (not reduces)
     for y in (traced, compiled):
-        assert _rel_err(y, _reference(layer, x)) < (1e-5 if rows == 1 else BF16_TOL)
-    if rows > 1:
+        assert _rel_err(y, _reference(layer, x)) < (1e-5 if reduces else BF16_TOL)
+    if not reduces:
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
