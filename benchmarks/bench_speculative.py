@@ -11,7 +11,9 @@ The full run adds the compiled form: target ``to_atb(compile=True)``, draft ``dr
 Acceptance (accepted / proposed draft tokens) and tokens per target forward are printed beside every
 speculative figure. ``--quick``: fp32 only, 48 new tokens, one timed run (a smoke test, not a result).
 
-    python benchmarks/bench_speculative.py [--quick] [--batch4-only] [--threads N] [--new-tokens N]
+    python benchmarks/bench_speculative.py [--quick] [--batch4-only] [--dtypes float32] [--threads N] [--new-tokens N]
+
+Each row is also printed to stderr as soon as it is measured (a full run takes 25-100 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def bench_dtype(dtype, kinds, new_tokens, repeats, batch4: bool, compiled: bool)
                 "tokens_per_forward": stats.tokens_per_target_forward,
             }
         results.append(row)
+        print("measured:", format_row(row), file=sys.stderr, flush=True)  # a full run takes 25-100 min
 
     dname = str(dtype).replace("torch.", "")
     for kind in kinds:
@@ -84,17 +87,33 @@ def bench_dtype(dtype, kinds, new_tokens, repeats, batch4: bool, compiled: bool)
     return results
 
 
+def format_row(r: harness.Row) -> str:
+    """One markdown table row of the results (acceptance and tokens per target forward where drafted)."""
+    acc = r.extra.get("acceptance", float("nan"))
+    tpf = r.extra.get("tokens_per_forward", float("nan"))
+    return (
+        f"| {r.benchmark} | {r.config} | {r.baseline} | {r.baseline_value:.1f} | {r.value:.1f} "
+        f"| {r.ratio:.2f}x | {acc:.2f} | {tpf:.2f} |"
+    )
+
+
 def run(
-    suite: str = "quick", device: str = "cpu", new_tokens: int | None = None, batch4_only: bool = False
+    suite: str = "quick",
+    device: str = "cpu",
+    new_tokens: int | None = None,
+    batch4_only: bool = False,
+    dtypes: list[torch.dtype] | None = None,
 ) -> list[harness.Row]:
     """The matrix entry point (``benchmarks/run_all.py``): quick = fp32, 48 tokens, 1 run; full = fp32
-    and bf16, 128 tokens, median of 3. ``batch4_only``: the fp32 batch-4 rows alone."""
+    and bf16, 128 tokens, median of 3. ``batch4_only``: the fp32 batch-4 rows alone; ``dtypes``: only
+    these target dtypes (full run)."""
     if device != "cpu":
         raise SystemExit("bench_speculative measures on the CPU only")
     quick = suite == "quick"
     new_tokens = new_tokens or (48 if quick else 128)
     repeats = 1 if quick else 3
-    dtypes = [torch.float32] if quick or batch4_only else [torch.float32, torch.bfloat16]
+    if dtypes is None:
+        dtypes = [torch.float32] if quick or batch4_only else [torch.float32, torch.bfloat16]
     kinds = [] if batch4_only else ["text", "chat"]
     rows = []
     for dtype in dtypes:
@@ -110,6 +129,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--batch4-only", action="store_true", help="only the fp32 batch-4 rows")
+    parser.add_argument(
+        "--dtypes", default=None, help="target dtypes, e.g. float32 (default: float32,bfloat16)"
+    )
     args = parser.parse_args()
     threads = harness.setup(args.threads)
     quick = args.quick
@@ -118,18 +140,20 @@ def main() -> None:
     print(
         f"{harness.machine_description()}; threads={threads}; new tokens={new_tokens}; repeats={1 if quick else 3}\n"
     )
-    rows = run("quick" if quick else "full", "cpu", new_tokens, batch4_only=args.batch4_only)
+    dtypes = None
+    if args.dtypes:
+        names = args.dtypes.split(",")
+        unknown = [n for n in names if n not in ("float32", "bfloat16")]
+        if unknown:
+            parser.error(f"unknown dtype(s) {unknown}; use float32 and/or bfloat16")
+        dtypes = [getattr(torch, n) for n in names]
+    rows = run("quick" if quick else "full", "cpu", new_tokens, batch4_only=args.batch4_only, dtypes=dtypes)
     print(
         "| benchmark | config | baseline | baseline tok/s | tok/s | ratio | acceptance | tokens/target fwd |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        acc = r.extra.get("acceptance", float("nan"))
-        tpf = r.extra.get("tokens_per_forward", float("nan"))
-        print(
-            f"| {r.benchmark} | {r.config} | {r.baseline} | {r.baseline_value:.1f} | {r.value:.1f} "
-            f"| {r.ratio:.2f}x | {acc:.2f} | {tpf:.2f} |"
-        )
+        print(format_row(r))
 
 
 if __name__ == "__main__":

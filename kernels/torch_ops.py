@@ -9,7 +9,9 @@ Masking follows the conventions of :mod:`optimum_atb.ops`. Inputs arrive validat
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -339,6 +341,23 @@ _CALIBRATION_BYTES = 16 << 20  # weights smaller than this are timed over copies
 _weight_first_faster: dict[tuple[int, int, int], bool] = {}
 
 
+_rows_vary = False  # see rows_vary_between_calls
+
+
+@contextlib.contextmanager
+def rows_vary_between_calls() -> Iterator[None]:
+    """Within this context :func:`linear` always takes ``F.linear``: for a ``torch.compile`` graph whose
+    row count is dynamic (speculative verify forwards of any width). Choosing the form by row count
+    there would specialize the graph to one count: a compile for every width (20-60 s each for SmolLM2
+    on a 2-core CPU). torch.compile guards on this flag, so graphs traced inside and outside differ."""
+    global _rows_vary
+    previous, _rows_vary = _rows_vary, True
+    try:
+        yield
+    finally:
+        _rows_vary = previous
+
+
 def _weight_first(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """``flat @ weight.T`` computed as ``weight @ flat.T`` ([rows, K] -> [N, rows])."""
     rows, k = flat.shape
@@ -401,6 +420,8 @@ def linear(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     """
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
+    if _rows_vary:  # choosing a form per row count would compile a graph per count
+        return F.linear(x, weight, bias)
     small_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     # calibrated at the first eager call (e.g. a prefill) for every row count; a weight first seen inside
     # a trace is not timed there and takes F.linear

@@ -26,6 +26,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import StaticCache
 
+from ..kernels.torch_ops import rows_vary_between_calls
 from .slots import keep_first_valid, positions_of
 
 logger = logging.getLogger("optimum_atb")
@@ -133,7 +134,7 @@ class CompiledForward:
     """``torch.compile`` of a model's forward for :class:`StaticSlotCache`, kept on the model across
     ``generate`` calls (``model.__dict__[COMPILED_ATTR]``). Per batch size and cache length: one graph for
     a single token and, where the model's code allows (the width marked dynamic), one for every wider
-    forward; fp32 ``ops.linear`` specializes on the row count, so there each width compiles its own.
+    forward (inside it ``ops.linear`` does not choose its float32 form by row count).
     ``last_compiled`` says whether the last call compiled a graph (its time is not a step's cost)."""
 
     def __init__(self, model):
@@ -154,7 +155,8 @@ class CompiledForward:
         else:
             torch._dynamo.maybe_mark_dynamic(input_ids, 1)
             torch._dynamo.maybe_mark_dynamic(position_ids, 1)
-            out = self.wide(input_ids=input_ids, position_ids=position_ids, **inputs)
+            with rows_vary_between_calls():
+                out = self.wide(input_ids=input_ids, position_ids=position_ids, **inputs)
         self.last_compiled = counters["stats"]["unique_graphs"] != graphs
         self.compiles += self.last_compiled
         return out

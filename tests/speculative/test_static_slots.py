@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from optimum_atb.speculative import attach, compile_draft, drafts
 from optimum_atb.speculative.slots import SlotCache
-from optimum_atb.speculative.static_slots import StaticSlotCache
+from optimum_atb.speculative.static_slots import StaticSlotCache, attach_compiled, compiled_forward
 
 from ._tiny import noisy_copy, padded_batch, tiny_llama
 
@@ -124,3 +124,24 @@ def test_compiled_draft_proposes_what_the_eager_draft_proposes(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert compiled._atb_compiled_forward.compiles >= 2  # one token, and wider
     assert not all(timed[1]) and all(timed[0])  # the rounds that compiled a graph are not timed
+
+
+@pytest.mark.slow  # compiles two graphs (about 15 s on 2 cores)
+def test_verify_forwards_of_any_width_share_one_compiled_graph_on_a_converted_fp32_model():
+    """fp32 ``ops.linear`` chooses its form by row count; inside the dynamic-width graph it must not,
+    or every verify width compiles its own graph (seconds to a minute each on a small CPU)."""
+    stock = tiny_llama(VOCAB)
+    model = copy.deepcopy(stock).to_atb()
+    attach_compiled(model)
+    slots = StaticSlotCache(model, compiled_forward(model), 1, 128, torch.device("cpu"))
+    reference = DynamicCache(config=stock.config)
+    gen = torch.Generator().manual_seed(3)
+    seen = 0
+    for width in (7, 1, 2, 3, 5, 4, 9, 2):
+        ids = torch.randint(1, VOCAB, (1, width), generator=gen)
+        out = slots.forward(ids, torch.ones_like(ids), keep=width)
+        positions = torch.arange(seen, seen + width)[None]
+        expected = stock(input_ids=ids, position_ids=positions, cache=reference).logits
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        seen += width
+    assert compiled_forward(model).compiles == 2  # one token, and every wider forward
