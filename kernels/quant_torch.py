@@ -26,9 +26,9 @@ from optimum_atb.quantization.formats import dequantize, unpack_int4
 
 _KERNEL_DTYPE = torch.bfloat16
 _ALIGN = 64  # bytes
-# A compiled one-row int8 product as inductor's fused reduce instead of the packed kernel: measured 1.7x
-# faster on an Intel Xeon with AVX-512 (33 against 56 us per 1536 x 576 matmul), 3.2x slower on an AMD
-# EPYC with AVX2 only (404 against 127 us); not measured on other CPUs.
+# A compiled one-row int8 product as inductor's fused reduce instead of the packed kernel: in compiled
+# SmolLM2, +13% tokens/s on one Intel Xeon with AVX-512 and +4-19% on another; 3.2x slower per matmul on an
+# AMD EPYC with AVX2 only (404 against 127 us; the model 7 against 34 tokens/s). docs/results-cpu.md.
 INT8_ROW_REDUCE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
