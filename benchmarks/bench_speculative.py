@@ -105,8 +105,8 @@ def run(
     dtypes: list[torch.dtype] | None = None,
 ) -> list[harness.Row]:
     """The matrix entry point (``benchmarks/run_all.py``): quick = fp32, 48 tokens, 1 run; full = fp32
-    and bf16, 128 tokens, median of 3. ``batch4_only``: the fp32 batch-4 rows alone; ``dtypes``: only
-    these target dtypes (full run)."""
+    and bf16, 128 tokens, median of 3. ``batch4_only``: the fp32 batch-4 rows alone; ``dtypes``: these target
+    dtypes instead of the suite's (batch-4 rows come with float32 only)."""
     if device != "cpu":
         raise SystemExit("bench_speculative measures on the CPU only")
     quick = suite == "quick"

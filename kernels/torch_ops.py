@@ -418,10 +418,10 @@ def linear(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     at 35-43 GB/s; on an Intel Xeon F.linear is the faster one. Rows go in near-equal chunks of at most 4;
     a single row is doubled (a one-column product is a GEMV).
     """
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
     if _rows_vary:  # choosing a form per row count would compile a graph per count
         return F.linear(x, weight, bias)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
     small_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     # calibrated at the first eager call (e.g. a prefill) for every row count; a weight first seen inside
     # a trace is not timed there and takes F.linear
