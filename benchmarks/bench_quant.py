@@ -5,6 +5,13 @@
 
 Every configuration runs in its own child process (peak RSS is per process), with the same allocator
 settings and thread count; results are ratios against stock measured in the same run.
+
+    python benchmarks/bench_quant.py --interleaved   # all configurations in one process, timed in turn
+
+On a host whose speed drifts during a run (shared or virtualised CPUs), one configuration after another
+can be measured in a fast and a slow phase: `--interleaved` loads every configuration in this process and
+times one generate of each in turn per repeat (medians of the rounds), so every ratio compares runs made
+minutes apart at most. Peak RSS is not measured in that mode (it is per process).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -113,6 +121,36 @@ def measure(quick: bool, configs: list[str]) -> list[Row]:
         cmd = [sys.executable, __file__, "--child", config] + (["--quick"] if quick else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[config] = json.loads(out.strip().splitlines()[-1])
+    return rows_of(results)
+
+
+def measure_interleaved(configs: list[str], batches: list[int], new_tokens: int, repeats: int) -> list[Row]:
+    """Every configuration in this process; each repeat times one generate of each configuration in turn
+    (after one untimed warm-up each, which also compiles), tokens/s the median of the repeats."""
+    models = {}
+    for config in configs:
+        print(f"# loading {config}", file=sys.stderr, flush=True)
+        models[config] = build(config)
+    results = {c: {"weight_bytes": weight_bytes(m), "tokens_per_s": {}} for c, (m, _) in models.items()}
+    for batch in batches:
+        inputs = {c: make_inputs(tok, batch, prompt_len=64) for c, (_, tok) in models.items()}
+        runs = {c: [] for c in configs}
+        for round_ in range(repeats + 1):
+            for config in configs:
+                timing = time_generate(models[config][0], inputs[config], new_tokens, repeats=1, warmup=0)
+                if round_:  # round 0 warms up (and compiles)
+                    runs[config].append(timing.tokens_per_s)
+                    print(
+                        f"# b{batch} round {round_} {config}: {timing.tokens_per_s:.1f} tokens/s",
+                        file=sys.stderr,
+                    )
+        for config in configs:
+            results[config]["tokens_per_s"][str(batch)] = statistics.median(runs[config])
+    return rows_of(results)
+
+
+def rows_of(results: dict[str, dict]) -> list[Row]:
+    """Rows of each configuration against stock fp32 and stock bf16 (where measured)."""
     rows = []
     for base in ("stock-fp32", "stock-bf16"):
         if base not in results:
@@ -134,9 +172,10 @@ def measure(quick: bool, configs: list[str]) -> list[Row]:
                     "MiB",
                 )
             )
-            rows.append(
-                Row("peak RSS", config, base, results[base]["peak_rss_mib"], r["peak_rss_mib"], "MiB")
-            )
+            if "peak_rss_mib" in r:
+                rows.append(
+                    Row("peak RSS", config, base, results[base]["peak_rss_mib"], r["peak_rss_mib"], "MiB")
+                )
     return rows
 
 
@@ -151,6 +190,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1, 16 new tokens, 1 repeat")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--interleaved", action="store_true", help="one process, configurations timed in turn (no peak RSS)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     batches, new_tokens, repeats = ([1], 16, 1) if args.quick else ([1, 8], 128, 3)
@@ -162,9 +204,14 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; names look like {', '.join(CONFIGS)}")
     threads = setup()
-    rows = measure(args.quick, configs)
+    if args.interleaved:
+        rows = measure_interleaved(configs, batches, new_tokens, repeats)
+    else:
+        rows = measure(args.quick, configs)
+    mode = ", interleaved in one process" if args.interleaved else ""
     print(
-        f"# bench_quant: {machine_description()} ({threads} threads), new tokens {new_tokens}, repeats {repeats}"
+        f"# bench_quant: {machine_description()} ({threads} threads), new tokens {new_tokens}, "
+        f"repeats {repeats}{mode}"
     )
     print_rows(rows)
 

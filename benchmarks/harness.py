@@ -121,7 +121,9 @@ def time_call(fn: Callable[[], int], repeats: int = 3, warmup: int = 1) -> Timin
     return Timing(statistics.median(runs), tokens, runs)
 
 
-def time_generate(model, inputs: dict, max_new_tokens: int, repeats: int = 3, **gen_kwargs) -> Timing:
+def time_generate(
+    model, inputs: dict, max_new_tokens: int, repeats: int = 3, warmup: int = 1, **gen_kwargs
+) -> Timing:
     """Greedy `generate` with EOS disabled; tokens/s counts every new token of every row, prefill included."""
 
     def once() -> int:
@@ -135,7 +137,7 @@ def time_generate(model, inputs: dict, max_new_tokens: int, repeats: int = 3, **
             )
         return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
 
-    return time_call(once, repeats=repeats)
+    return time_call(once, repeats=repeats, warmup=warmup)
 
 
 class _StepClock:

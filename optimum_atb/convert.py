@@ -22,6 +22,7 @@ from .errors import QuantizationError, UnsupportedModelError
 FUSIONS = ("norm", "rotary", "qkv", "mlp", "attention", "linear")
 QUANTIZE_BITS = {"int8": 8, "int4": 4}
 _ATTENTION_FUSIONS = {"rotary", "qkv", "attention"}
+ATB_BASE = "_atb_stock_class"  # class attribute of a converted module's class: the class it replaced
 
 
 @dataclass
@@ -32,9 +33,8 @@ class _State:
     backend: str
     quantize: str | None
     prequantized: bool = False  # loaded quantized (load_gguf, AtbQuantConfig): keep its QuantLinears apart
-    forwards: list[tuple[nn.Module, object]] = field(
-        default_factory=list
-    )  # (module, previous instance forward)
+    # (module, previous instance forward, previous class): what each _bind changed
+    forwards: list[tuple[nn.Module, object, type | None]] = field(default_factory=list)
     fused: list[tuple[nn.Module, tuple[str, ...], str]] = field(default_factory=list)
     hooks: list = field(default_factory=list)
     attn_implementation: str | None = None  # the one to restore, when "attention" changed it
@@ -63,9 +63,36 @@ def _check_backend(model: nn.Module, backend: str) -> None:
         resolve(device)  # raises BackendUnavailableError when it cannot run on the model's device
 
 
-def _bind(state: _State, module: nn.Module, fn) -> None:
-    state.forwards.append((module, module.__dict__.get("forward")))
-    module.forward = MethodType(fn, module)
+@functools.cache
+def _fused_class(cls: type, forward) -> type:
+    """A subclass of `cls` whose forward is `forward`, under `cls`'s own name (reprs stay stock).
+
+    `forward` is set after the class exists: a hook on subclass creation (transformers' gradient
+    checkpointing layers) would otherwise wrap it, adding a frame per call and guards to compiled graphs.
+    """
+    fused = type(cls.__name__, (cls,), {"__module__": cls.__module__, ATB_BASE: cls})
+    fused.forward = forward
+    return fused
+
+
+def _bind(state: _State, module: nn.Module, fn, per_instance: bool = False) -> None:
+    """Make `fn` `module`'s forward. The module's class is swapped for a cached subclass whose forward is
+    `fn`: torch.compile checks a class with one cheap type guard, whereas an instance-bound method costs a
+    Python guard (``module is module.forward.__self__``) per module on every call of a compiled graph.
+    A module that already has an instance forward (an accelerate hook, say) gets `fn` bound on the
+    instance instead, as does anything `per_instance` (a closure)."""
+    own = module.__dict__.get("forward")
+    if own is None and not per_instance:
+        state.forwards.append((module, None, type(module)))
+        module.__class__ = _fused_class(type(module), fn)
+    else:
+        state.forwards.append((module, own, None))
+        module.forward = MethodType(fn, module)
+
+
+def stock_class(module: nn.Module) -> type:
+    """The class `module` had before conversion (its own class when it was not converted)."""
+    return getattr(type(module), ATB_BASE, type(module))
 
 
 def _pin_backend(state: _State, model: nn.Module, backend: str) -> None:
@@ -76,7 +103,7 @@ def _pin_backend(state: _State, model: nn.Module, backend: str) -> None:
         with use_backend(backend):
             return inner(*args, **kwargs)
 
-    _bind(state, model, pinned)
+    _bind(state, model, pinned, per_instance=True)
 
 
 def _glu(spec, config):
@@ -128,7 +155,7 @@ def _convert_layer(state: _State, spec, layer: nn.Module, config) -> None:
             state.hooks += fuse_linears(mlp, ("gate_proj", "up_proj"), "gate_up_proj")
             state.fused.append((mlp, ("gate_proj", "up_proj"), "gate_up_proj"))
         glu, glu_kwargs = _glu(spec, config)
-        mlp._atb = fused.MLPPlan(glu, glu_kwargs)
+        mlp._atb = fused.MLPPlan(glu, dict(glu_kwargs))  # one dict per layer: no aliasing guards
         _bind(state, mlp, fused.mlp_forward)
     if "linear" in fuse:
         for parent in (attn, mlp):
@@ -257,8 +284,10 @@ def revert(model: nn.Module) -> nn.Module:
         from . import compiled_decode
 
         compiled_decode.disable(model, state.compiled)
-    for module, previous in reversed(state.forwards):
-        if previous is None:
+    for module, previous, cls in reversed(state.forwards):
+        if cls is not None:
+            module.__class__ = cls
+        elif previous is None:
             del module.forward
         else:
             module.forward = previous

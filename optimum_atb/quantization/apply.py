@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..convert import stock_class
 from ..errors import QuantizationError
 from .config import check_request
 from .linear import QuantLinear
@@ -59,7 +60,7 @@ def linears_to_quantize(
     head = output_projection(model)
     chosen = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or (module is head and not include_lm_head):
+        if stock_class(module) is not nn.Linear or (module is head and not include_lm_head):
             continue
         if any(name == s or name.endswith("." + s) for s in skip):
             continue

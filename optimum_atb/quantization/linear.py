@@ -82,7 +82,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = resolve(x.device)
         state = self._prepared.get(backend)
-        if state is None or state["source"] is not self.weight:
+        # Inside a compiled graph the staleness check is left out: it would make torch.compile guard that
+        # the buffer and the prepared state hold one tensor (a Python guard per layer on every call);
+        # generate's eager prefill repacks a replaced weight before any compiled decode step runs.
+        if state is None or (not torch.compiler.is_compiling() and state["source"] is not self.weight):
             state = get_kernel("weight_quant_prepare", backend)(
                 qweight=self.weight, scale=self.weight_scale, zero=self.weight_zero,
                 bits=self.bits, group_size=self.group_size,

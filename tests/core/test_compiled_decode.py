@@ -99,3 +99,31 @@ def test_speculative_verify_of_a_compiled_model_runs_compiled_and_gives_stock_to
     assert model._atb_compiled_forward.compiles  # the verify forwards went through torch.compile
     optimum_atb.revert(model)
     assert "_atb_compiled_forward" not in model.__dict__
+
+
+def _identity_guards(model, ids) -> set[str]:
+    """Identity guards ("a is b" between two paths to one object) of a compiled call of `model`."""
+    torch._dynamo.reset()  # a cached graph of an earlier model of the same structure would be reused
+    entries = []
+
+    def record(guards):
+        entries.extend(guards)
+        return [True] * len(guards)
+
+    with torch.no_grad():
+        torch.compile(model, dynamic=False, options={"guard_filter_fn": record})(ids)
+    assert entries
+    return {e.name for e in entries if e.guard_type == "DUPLICATE_INPUT" and not e.name.startswith("G[")}
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_conversion_adds_no_identity_guards_to_compiled_graphs(quantize):
+    """Identity guards run in Python on every call of a compiled graph (~1-3 us each): conversion must
+    not add one per module (a fused forward bound on the instance gave ``module is
+    module.forward.__self__``; a quantized layer's weight reachable from its buffer and its prepared
+    kernel state two more; a dict shared by every MLP plan one more per layer)."""
+    ids = torch.tensor([[5, 9, 17, 3]])
+    stock = _stock()
+    model = _stock().to_atb(quantize=quantize)
+    model(ids)  # prepares the quantized layers eagerly, as generate's prefill does
+    assert _identity_guards(model, ids) <= _identity_guards(stock, ids)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import optimum_atb
 from optimum_atb import BackendUnavailableError, QuantizationError, UnsupportedModelError, ops
-from optimum_atb.convert import FUSIONS
+from optimum_atb.convert import FUSIONS, stock_class
 
 
 def _stock(**overrides):
@@ -36,8 +37,13 @@ def _logits(model, ids=IDS):
         return model(ids).logits
 
 
-def _instance_forwards(model) -> list[str]:
-    return [name for name, m in model.named_modules() if "forward" in m.__dict__]
+def _converted(model) -> dict[str, object]:
+    """name -> the forward it runs now, for every module whose forward conversion replaced."""
+    return {
+        name: m.__dict__.get("forward", type(m).forward)
+        for name, m in model.named_modules()
+        if "forward" in m.__dict__ or stock_class(m) is not type(m)
+    }
 
 
 def test_to_atb_returns_model_and_matches_stock():
@@ -51,15 +57,18 @@ def test_to_atb_returns_model_and_matches_stock():
     # the original projections view the fused weight: no memory duplicated
     assert attn.k_proj.weight.data_ptr() == attn.qkv_proj.weight[attn.q_proj.out_features :].data_ptr()
     torch.testing.assert_close(_logits(model), _logits(stock), atol=1e-4, rtol=0)
-    assert _instance_forwards(stock) == []  # other models untouched
+    assert _converted(stock) == {}  # other models untouched
+    # converted modules keep their class names (a subclass carries the fused forward)
+    assert {type(m).__name__ for m in model.modules()} == {type(m).__name__ for m in stock.modules()}
+    assert isinstance(attn, type(stock.model.layers[0].self_attn)) and "LlamaAttention(" in repr(model)
 
 
 def test_to_atb_twice_is_a_noop():
     model = _stock().to_atb()
-    forwards = {name: m.__dict__["forward"] for name, m in model.named_modules() if "forward" in m.__dict__}
+    forwards = _converted(model)
     qkv = model.model.layers[0].self_attn.qkv_proj
     model.to_atb(fuse={"norm"})
-    assert {n: m.__dict__["forward"] for n, m in model.named_modules() if "forward" in m.__dict__} == forwards
+    assert forwards and _converted(model) == forwards
     assert model.model.layers[0].self_attn.qkv_proj is qkv
 
 
@@ -69,7 +78,8 @@ def test_revert_is_bit_exact_and_reconvertible():
     impl = model.config._attn_implementation
     optimum_atb.revert(model.to_atb())
     assert torch.equal(_logits(model), before)
-    assert _instance_forwards(model) == [] and model.config._attn_implementation == impl
+    assert _converted(model) == {} and model.config._attn_implementation == impl
+    assert type(model.model.layers[0]) is LlamaDecoderLayer
     attn = model.model.layers[0].self_attn
     assert not hasattr(attn, "qkv_proj") and not hasattr(attn, "_atb")
     ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -113,20 +123,22 @@ def test_linear_fusion_binds_fp32_cpu_linears_only():
     stock = _stock()
     model = copy.deepcopy(stock).to_atb(fuse={"linear"})
     bound = {
-        name for name, m in model.named_modules() if type(m).__name__ == "Linear" and "forward" in vars(m)
+        name
+        for name, m in model.named_modules()
+        if type(m).__name__ == "Linear" and name in _converted(model)
     }
     plain = {name for name, m in model.named_modules() if type(m).__name__ == "Linear"}
     assert bound == plain and "lm_head" in bound  # every projection and the output projection
-    assert _instance_forwards(copy.deepcopy(stock).to(torch.bfloat16).to_atb(fuse={"linear"})) == []
+    assert _converted(copy.deepcopy(stock).to(torch.bfloat16).to_atb(fuse={"linear"})) == {}
     torch.testing.assert_close(_logits(model), _logits(stock), atol=1e-5, rtol=0)
     optimum_atb.revert(model)
-    assert _instance_forwards(model) == [] and torch.equal(_logits(model), _logits(stock))
+    assert _converted(model) == {} and torch.equal(_logits(model), _logits(stock))
 
 
 def test_fuse_false_changes_nothing():
     stock = _stock()
     model = copy.deepcopy(stock).to_atb(fuse=False)
-    assert _instance_forwards(model) == []
+    assert _converted(model) == {}
     assert torch.equal(_logits(model), _logits(stock))
 
 
@@ -140,7 +152,7 @@ def test_invalid_arguments_raise_before_any_change():
         model.to_atb(backend="npu")  # torch_npu is not installed here
     with pytest.raises(ValueError, match="unknown backend"):
         model.to_atb(backend="cuda")
-    assert _instance_forwards(model) == [] and not hasattr(model.model.layers[0].self_attn, "qkv_proj")
+    assert _converted(model) == {} and not hasattr(model.model.layers[0].self_attn, "qkv_proj")
     assert getattr(model, "_atb_state", None) is None
 
 
@@ -149,7 +161,7 @@ def test_unsupported_model_type_lists_supported():
     with pytest.raises(UnsupportedModelError, match="llama.*qwen3|qwen3.*llama") as err:
         model.to_atb()
     assert "gpt2" in str(err.value)
-    assert _instance_forwards(model) == [] and getattr(model, "_atb_state", None) is None
+    assert _converted(model) == {} and getattr(model, "_atb_state", None) is None
 
 
 def test_pinned_backend_wins_over_ambient_choice():
@@ -161,7 +173,7 @@ def test_pinned_backend_wins_over_ambient_choice():
         out = _logits(model)
     torch.testing.assert_close(out, _logits(stock), atol=1e-4, rtol=0)
     optimum_atb.revert(model)
-    assert _instance_forwards(model) == []
+    assert _converted(model) == {}
 
 
 def test_sampling_and_beam_search_match_stock():
