@@ -1,9 +1,10 @@
 """``model.to_atb()`` and ``optimum_atb.revert(model)``: instance-level conversion of LLaMA-family models.
 
-Conversion binds fused forwards (:mod:`optimum_atb.patches.fused`) on the model's own module instances
-and adds concatenated QKV / gate-up projections whose weights the original parameters view
-(:mod:`optimum_atb.patches.weights`). Other models in the process, the classes and the checkpoint
-format are untouched; ``revert`` restores the stock modules exactly.
+Conversion gives the model's own module instances fused forwards (:mod:`optimum_atb.patches.fused`;
+each converted module's class is swapped for a same-named subclass, see `_bind`) and adds concatenated
+QKV / gate-up projections whose weights the original parameters view (:mod:`optimum_atb.patches.weights`).
+Other models in the process, the transformers classes and the checkpoint format are untouched; ``revert``
+restores the stock modules exactly.
 """
 
 from __future__ import annotations

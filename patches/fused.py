@@ -1,4 +1,4 @@
-"""Fused forwards bound on a converted model's module instances (shared by every family).
+"""Fused forwards of a converted model's modules, shared by every family (installed by ``to_atb``).
 
 Each forward reads its settings from a plan stored on the module (``module._atb``), built once at
 conversion, so the per-step work is the arithmetic plus a few attribute reads.
