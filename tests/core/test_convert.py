@@ -304,3 +304,27 @@ def test_paged_cache_owns_the_attention():
     torch.testing.assert_close(call["key"], k)
     torch.testing.assert_close(call["value"], v.view(2, 3, 2, 16))
     torch.testing.assert_close(out, expected_out)
+
+
+def test_a_module_with_its_own_instance_forward_gets_the_fused_one_bound_and_back_on_revert():
+    """An instance forward set by someone else (accelerate's hooks do this) keeps priority over a class
+    forward, so conversion binds the fused forward on that instance and revert puts the original back."""
+    stock = _stock()
+    model = copy.deepcopy(stock)
+    attn = model.model.layers[0].self_attn
+    calls = []
+    stock_forward = attn.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return stock_forward(*args, **kwargs)
+
+    attn.forward = hooked
+    model.to_atb()
+    assert type(attn) is stock_class(attn) and attn.forward.__func__.__name__ == "attention_forward"
+    torch.testing.assert_close(_logits(model), _logits(stock), atol=1e-4, rtol=0)
+    assert calls == []  # the fused forward replaced the hook while converted
+    optimum_atb.revert(model)
+    assert attn.__dict__["forward"] is hooked
+    torch.testing.assert_close(_logits(model), _logits(stock), atol=1e-5, rtol=0)
+    assert calls == [1]
