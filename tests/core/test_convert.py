@@ -122,11 +122,8 @@ def test_each_fusion_alone_matches_stock(fusion):
 def test_linear_fusion_binds_fp32_cpu_linears_only():
     stock = _stock()
     model = copy.deepcopy(stock).to_atb(fuse={"linear"})
-    bound = {
-        name
-        for name, m in model.named_modules()
-        if type(m).__name__ == "Linear" and name in _converted(model)
-    }
+    converted = _converted(model)
+    bound = {name for name, m in model.named_modules() if type(m).__name__ == "Linear" and name in converted}
     plain = {name for name, m in model.named_modules() if type(m).__name__ == "Linear"}
     assert bound == plain and "lm_head" in bound  # every projection and the output projection
     assert _converted(copy.deepcopy(stock).to(torch.bfloat16).to_atb(fuse={"linear"})) == {}
