@@ -1,16 +1,19 @@
-"""Decode speed, peak memory and weight bytes of quantized SmolLM2-135M against stock fp32 and bf16.
+"""Decode and prefill speed, peak memory and weight bytes of quantized SmolLM2-135M against stock fp32 and
+bf16.
 
     python benchmarks/bench_quant.py            # full: batch 1 and 8, 128 new tokens, 3 repeats
     python benchmarks/bench_quant.py --quick    # short: batch 1, 16 new tokens, 1 repeat
 
 Every configuration runs in its own child process (peak RSS is per process), with the same allocator
-settings and thread count; results are ratios against stock measured in the same run.
+settings and thread count; results are ratios against stock measured in the same run. "decode" is
+`generate`'s tokens/s, prefill included; "prefill" is one forward over the 64-token prompts, prompt
+tokens/s.
 
     python benchmarks/bench_quant.py --interleaved   # all configurations in one process, timed in turn
 
 On a host whose speed drifts during a run (shared or virtualised CPUs), one configuration after another
 can be measured in a fast and a slow phase: `--interleaved` loads every configuration in this process and
-times one generate of each in turn per repeat (medians of the rounds), so every ratio compares runs made
+times one generate and one prefill of each in turn per repeat (medians of the rounds), so every ratio compares runs made
 minutes apart at most. Peak RSS is not measured in that mode (it is per process).
 """
 
@@ -27,7 +30,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from harness import Row, load_smollm2, machine_description, make_inputs, print_rows, setup, time_generate  # noqa: E402
+from harness import (  # noqa: E402
+    Row,
+    load_smollm2,
+    machine_description,
+    make_inputs,
+    print_rows,
+    setup,
+    time_generate,
+    time_prefill,
+)
 
 # "int8" / "int4": quantize(bits=8) (per channel) / quantize(bits=4) (groups of 32, the default);
 # "-gN": one scale per group of N input features (int4 groups of 64 measure the default's choice; 128 does
@@ -37,6 +49,7 @@ CONFIGS = (
     "int8+compile", "int4+compile", "int4-g64+compile", "gguf-q4_1+compile",
 )  # fmt: skip
 
+PROMPT_LEN = 64  # tokens per row
 KINDS = ("stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1")
 
 
@@ -104,12 +117,13 @@ def child(config: str, batches: list[int], new_tokens: int, repeats: int) -> Non
     """Measure one configuration; prints one JSON line."""
     setup()
     model, tok = build(config)
-    result = {"config": config, "weight_bytes": weight_bytes(model), "tokens_per_s": {}}
+    result = {"config": config, "weight_bytes": weight_bytes(model), "tokens_per_s": {}, "prefill": {}}
     for batch in batches:
-        inputs = make_inputs(tok, batch, prompt_len=64)
+        inputs = make_inputs(tok, batch, prompt_len=PROMPT_LEN)
         result["tokens_per_s"][str(batch)] = time_generate(
             model, inputs, new_tokens, repeats=repeats
         ).tokens_per_s
+        result["prefill"][str(batch)] = time_prefill(model, inputs, repeats=repeats).tokens_per_s
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
 
@@ -125,27 +139,36 @@ def measure(quick: bool, configs: list[str]) -> list[Row]:
 
 
 def measure_interleaved(configs: list[str], batches: list[int], new_tokens: int, repeats: int) -> list[Row]:
-    """Every configuration in this process; each repeat times one generate of each configuration in turn
-    (after one untimed warm-up each, which also compiles), tokens/s the median of the repeats."""
+    """Every configuration in this process; each repeat times one generate and one prefill of each
+    configuration in turn (after one untimed warm-up each, which also compiles), tokens/s the median of the
+    repeats."""
     models = {}
     for config in configs:
         print(f"# loading {config}", file=sys.stderr, flush=True)
         models[config] = build(config)
-    results = {c: {"weight_bytes": weight_bytes(m), "tokens_per_s": {}} for c, (m, _) in models.items()}
+    results = {
+        c: {"weight_bytes": weight_bytes(m), "tokens_per_s": {}, "prefill": {}}
+        for c, (m, _) in models.items()
+    }
     for batch in batches:
-        inputs = {c: make_inputs(tok, batch, prompt_len=64) for c, (_, tok) in models.items()}
-        runs = {c: [] for c in configs}
+        inputs = {c: make_inputs(tok, batch, prompt_len=PROMPT_LEN) for c, (_, tok) in models.items()}
+        runs = {c: {"tokens_per_s": [], "prefill": []} for c in configs}
         for round_ in range(repeats + 1):
             for config in configs:
-                timing = time_generate(models[config][0], inputs[config], new_tokens, repeats=1, warmup=0)
+                model = models[config][0]
+                decode = time_generate(model, inputs[config], new_tokens, repeats=1, warmup=0)
+                prefill = time_prefill(model, inputs[config], repeats=1, warmup=0)
                 if round_:  # round 0 warms up (and compiles)
-                    runs[config].append(timing.tokens_per_s)
+                    runs[config]["tokens_per_s"].append(decode.tokens_per_s)
+                    runs[config]["prefill"].append(prefill.tokens_per_s)
                     print(
-                        f"# b{batch} round {round_} {config}: {timing.tokens_per_s:.1f} tokens/s",
+                        f"# b{batch} round {round_} {config}: {decode.tokens_per_s:.1f} tokens/s, "
+                        f"prefill {prefill.tokens_per_s:.0f} tokens/s",
                         file=sys.stderr,
                     )
         for config in configs:
-            results[config]["tokens_per_s"][str(batch)] = statistics.median(runs[config])
+            for key, values in runs[config].items():
+                results[config][key][str(batch)] = statistics.median(values)
     return rows_of(results)
 
 
@@ -162,6 +185,9 @@ def rows_of(results: dict[str, dict]) -> list[Row]:
                 rows.append(
                     Row("decode", f"{config} b{batch}", base, results[base]["tokens_per_s"][batch], value)
                 )
+            for batch, value in r.get("prefill", {}).items():
+                label = f"{config} b{batch}, prompt {PROMPT_LEN}"
+                rows.append(Row("prefill", label, base, results[base]["prefill"][batch], value))
             rows.append(
                 Row(
                     "weights",

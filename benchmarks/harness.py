@@ -140,6 +140,18 @@ def time_generate(
     return time_call(once, repeats=repeats, warmup=warmup)
 
 
+def time_prefill(model, inputs: dict, repeats: int = 3, warmup: int = 1) -> Timing:
+    """One forward over the prompt, logits of the last position only (what ``generate``'s prefill runs);
+    tokens/s counts the prompt tokens of every row."""
+
+    def once() -> int:
+        with torch.inference_mode():
+            model(**inputs, logits_to_keep=1)
+        return inputs["input_ids"].numel()
+
+    return time_call(once, repeats=repeats, warmup=warmup)
+
+
 class _StepClock:
     """A stopping criterion that never stops: it stamps the time each new token is decided."""
 

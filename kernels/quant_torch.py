@@ -13,6 +13,10 @@ written as the dequantize-and-reduce ``sum(x * q) * s`` in float32 instead: indu
 vectorised loop that reads the int8 weight faster than the packed kernel does there; with AVX2 only, the
 loop inductor writes is about 3x slower than the packed kernel, which stays (``INT8_ROW_REDUCE``,
 docs/results-cpu.md). Same weight; the activations of an fp32 model are then not rounded to bf16.
+
+Many rows (a prefill) are slow in the packed kernels: there per-channel int8 and int4 compute with the
+exact weight in float32 and float32 activations through fp32 GEMM instead (``INT8_DEQUANT_ROWS``,
+``INT4_DEQUANT_ROWS``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ _ALIGN = 64  # bytes
 # SmolLM2, +13% tokens/s on one Intel Xeon with AVX-512 and +4-19% on another; 3.2x slower per matmul on an
 # AMD EPYC with AVX2 only (404 against 127 us; the model 7 against 34 tokens/s). docs/results-cpu.md.
 INT8_ROW_REDUCE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+# From these many rows (a prefill) the packed kernels, whose time grows with the rows faster than a GEMM's,
+# give way to the exact weight in float32 and fp32 `F.linear` with float32 activations: per-channel int8 as
+# ``F.linear(x, q.float()) * s``; int4 dequantized group by group. Per 1536 x 576 weight on the second Xeon:
+# int8 584 against 753 us at 32 rows, 1,006 against 1,327 at 64, 4,059 against 9,563 at 512 (443 against
+# 431 at 16); int4 1,775 against 2,179 at 128, 5,825 against 9,748 at 512 (1,483 against 1,089 at 64).
+# docs/quantization.md.
+INT8_DEQUANT_ROWS = 32
+INT4_DEQUANT_ROWS = 128
 
 
 def _packed_kernel_reason(qweight, bits, group_size, device) -> str | None:
@@ -74,7 +86,24 @@ def prepare(*, qweight, scale, zero, bits, group_size) -> dict:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(qweight), 1)
     # [K/g, N, 2] scale-and-zero; the kernel computes (q - 8) * scale + zero
     scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(_KERNEL_DTYPE).contiguous()
-    return {"kind": "int4", "weight": packed, "scale_zero": scale_zero, "group_size": group_size}
+    by_group = {"qweight": qweight, "scale": scale, "zero": zero}  # the stored format, for many-row calls
+    return {
+        "kind": "int4", "weight": packed, "scale_zero": scale_zero, "group_size": group_size, "by_group": by_group
+    }  # fmt: skip
+
+
+def _int4_linear_fp32(x: torch.Tensor, by_group: dict) -> torch.Tensor:
+    """``x @ dequant(W).T`` in float32 with the exact weight. The weight is unpacked group by group as the
+    low nibbles (even columns) then the high ones (odd columns), x's columns taken in the same order."""
+    scale, zero = by_group["scale"], by_group["zero"]
+    n, groups = scale.shape
+    packed = by_group["qweight"].view(n, groups, -1)
+    codes = torch.cat([packed & 15, packed >> 4], dim=-1).float()
+    # (q - 8) * s + z as q * s + (z - 8 s): one pass less over the weight
+    weight = codes.mul_(scale[..., None]).add_((zero - 8 * scale)[..., None]).view(n, -1)
+    rows, k = x.shape
+    x = x.float().view(rows, groups, -1, 2).transpose(-1, -2).reshape(rows, k)
+    return F.linear(x, weight)
 
 
 def _int8_row_reduce(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -94,6 +123,8 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
     x2 = flat.to(_KERNEL_DTYPE)
     if state["kind"] == "int8" and flat.shape[0] == 1 and INT8_ROW_REDUCE and torch.compiler.is_compiling():
         y = _int8_row_reduce(flat, state["weight"], state["scale"])
+    elif state["kind"] == "int8" and flat.shape[0] >= INT8_DEQUANT_ROWS:
+        y = F.linear(flat.float(), state["weight"].float()) * state["scale"]
     elif state["kind"] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, state["weight"], state["scale"])
     elif state["kind"] == "int8_groups":
@@ -101,6 +132,8 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
         group = state["group_size"]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, hi, group, hi_sz).float()
         y = y.add_(torch.ops.aten._weight_int4pack_mm_for_cpu(x2, lo, group, lo_sz))
+    elif state["kind"] == "int4" and flat.shape[0] >= INT4_DEQUANT_ROWS:
+        y = _int4_linear_fp32(flat, state["by_group"])
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, state["weight"], state["group_size"], state["scale_zero"]

@@ -153,6 +153,72 @@ def test_torch_int8_under_compile_reduces_one_row_where_it_pays(rows, row_reduce
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
+def _aten_ops(fn) -> list[str]:
+    """Names of the aten ops `fn()` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        fn()
+    return recorder.names
+
+
+def _recorded_call(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """(layer(x), the aten ops that call ran), the layer's kernel state prepared beforehand."""
+    with optimum_atb.use_backend("torch"):
+        layer(x[:1])
+        out: list[torch.Tensor] = []
+        ops = _aten_ops(lambda: out.append(layer(x)))
+    return out[0], ops
+
+
+@pytest.mark.parametrize("rows", [15, 16, 41])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_int8_many_rows_multiply_the_exact_weight_in_float32(rows, dtype, monkeypatch):
+    """From `INT8_DEQUANT_ROWS` rows (a prefill) per-channel int8 runs as fp32 `F.linear` on the codes times
+    the scale, with float32 activations: the float64 result to fp32 precision. Fewer rows keep the packed
+    kernel and its bf16 activations."""
+    monkeypatch.setattr(quant_torch, "INT8_DEQUANT_ROWS", 16)
+    layer = _layer(8, None, k=192, n=80)
+    x = torch.randn(rows, 192).to(dtype)
+    y, ops = _recorded_call(layer, x)
+    dequantizes = rows >= 16
+    assert any("_weight_int8pack_mm" in op for op in ops) == (not dequantizes)
+    assert y.dtype == dtype and y.shape == (rows, 80)
+    tol = (
+        (1e-5 if dtype == torch.float32 else 2**-7) if dequantizes else BF16_TOL
+    )  # bf16: output and bias roundings
+    assert _rel_err(y, _reference(layer, x)) < tol
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("rows", [15, 16, 41])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_int4_many_rows_dequantize_exactly_to_float32(rows, group, dtype, monkeypatch):
+    """From `INT4_DEQUANT_ROWS` rows int4 multiplies the exact float32 weight (unpacked in a permuted column
+    order, x permuted alike) with float32 activations: the float64 result to fp32 precision. Fewer rows
+    keep the packed kernel."""
+    monkeypatch.setattr(quant_torch, "INT4_DEQUANT_ROWS", 16)
+    layer = _layer(4, group, k=192, n=80)
+    x = torch.randn(rows, 192).to(dtype)
+    y, ops = _recorded_call(layer, x)
+    dequantizes = rows >= 16
+    assert any("_weight_int4pack_mm" in op for op in ops) == (not dequantizes)
+    assert y.dtype == dtype and y.shape == (rows, 80)
+    tol = (
+        (1e-5 if dtype == torch.float32 else 2**-7) if dequantizes else BF16_TOL
+    )  # bf16: output and bias roundings
+    assert _rel_err(y, _reference(layer, x)) < tol
+
+
 def test_torch_backend_falls_back_with_warning_for_odd_shapes():
     layer = QuantLinear.from_linear(torch.nn.Linear(40, 8), 8, None)  # in_features % 16 != 0
     x = torch.randn(3, 40)
