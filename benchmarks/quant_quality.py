@@ -20,7 +20,7 @@ Part 4, what int4's figures owe to the reference: its weights are a dequantized 
 groups shifted off that grid by 8 or 16 columns (decoder linears, float32 activations) shows what int4
 round-to-nearest costs on weights that are not already on such a grid.
 
-    python benchmarks/quant_quality.py [--threads N]
+    python benchmarks/quant_quality.py [--threads N] [--formats-only]   # --formats-only: part 1 alone
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def gptq_int8(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, block:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--formats-only", action="store_true", help="part 1 only: the table per format")
     args = parser.parse_args()
     threads = harness.setup(args.threads)
     print(f"# quant_quality\n{harness.machine_description()}; threads={threads}\n")
@@ -173,6 +174,8 @@ def main() -> None:
     gap = top2_margin(ref)
     print(f"\nfp32 top-2 margin: < 0.1 logit at {(gap < 0.1).double().mean():.1%} of positions, "
           f"< 0.5 at {(gap < 0.5).double().mean():.1%}, < 1.0 at {(gap < 1.0).double().mean():.1%}\n")  # fmt: skip
+    if args.formats_only:
+        return
 
     # untie the output projection: rounding it must leave the input embeddings in float, as quantize() does
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
