@@ -42,6 +42,9 @@ INT8_ROW_REDUCE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 # docs/quantization.md.
 INT8_DEQUANT_ROWS = 32
 INT4_DEQUANT_ROWS = 128
+# Output channels taken to float32 at a time on that route: bounds the copy of a large weight (an output
+# projection of 128k x 4,096 would be 2 GiB in float32) to this many rows.
+DEQUANT_CHUNK = 8192
 
 
 def _packed_kernel_reason(qweight, bits, group_size, device) -> str | None:
@@ -92,18 +95,36 @@ def prepare(*, qweight, scale, zero, bits, group_size) -> dict:
     }  # fmt: skip
 
 
+def _linear_by_chunks(
+    x: torch.Tensor, n: int, weight_rows, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T`` (times a per-channel `scale`) in float32, `W` built `DEQUANT_CHUNK` output channels at a
+    time by ``weight_rows(start, end)``."""
+    parts = []
+    for start in range(0, n, DEQUANT_CHUNK):
+        end = min(start + DEQUANT_CHUNK, n)
+        y = F.linear(x, weight_rows(start, end))
+        parts.append(y if scale is None else y * scale[start:end])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
 def _int4_linear_fp32(x: torch.Tensor, by_group: dict) -> torch.Tensor:
     """``x @ dequant(W).T`` in float32 with the exact weight. The weight is unpacked group by group as the
     low nibbles (even columns) then the high ones (odd columns), x's columns taken in the same order."""
     scale, zero = by_group["scale"], by_group["zero"]
     n, groups = scale.shape
     packed = by_group["qweight"].view(n, groups, -1)
-    codes = torch.cat([packed & 15, packed >> 4], dim=-1).float()
-    # (q - 8) * s + z as q * s + (z - 8 s): one pass less over the weight
-    weight = codes.mul_(scale[..., None]).add_((zero - 8 * scale)[..., None]).view(n, -1)
+
+    def weight_rows(start: int, end: int) -> torch.Tensor:
+        part = packed[start:end]
+        codes = torch.cat([part & 15, part >> 4], dim=-1).float()
+        s, z = scale[start:end], zero[start:end]
+        # (q - 8) * s + z as q * s + (z - 8 s): one pass less over the weight
+        return codes.mul_(s[..., None]).add_((z - 8 * s)[..., None]).view(end - start, -1)
+
     rows, k = x.shape
     x = x.float().view(rows, groups, -1, 2).transpose(-1, -2).reshape(rows, k)
-    return F.linear(x, weight)
+    return _linear_by_chunks(x, n, weight_rows)
 
 
 def _int8_row_reduce(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -124,7 +145,8 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
     if state["kind"] == "int8" and flat.shape[0] == 1 and INT8_ROW_REDUCE and torch.compiler.is_compiling():
         y = _int8_row_reduce(flat, state["weight"], state["scale"])
     elif state["kind"] == "int8" and flat.shape[0] >= INT8_DEQUANT_ROWS:
-        y = F.linear(flat.float(), state["weight"].float()) * state["scale"]
+        weight = state["weight"]
+        y = _linear_by_chunks(flat.float(), weight.shape[0], lambda a, b: weight[a:b].float(), state["scale"])
     elif state["kind"] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, state["weight"], state["scale"])
     elif state["kind"] == "int8_groups":

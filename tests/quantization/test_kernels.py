@@ -182,11 +182,13 @@ def _recorded_call(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, l
 
 @pytest.mark.parametrize("rows", [15, 16, 41])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_int8_many_rows_multiply_the_exact_weight_in_float32(rows, dtype, monkeypatch):
+@pytest.mark.parametrize("chunk", [8192, 32], ids=["one-chunk", "3-chunks"])
+def test_torch_int8_many_rows_multiply_the_exact_weight_in_float32(rows, dtype, chunk, monkeypatch):
     """From `INT8_DEQUANT_ROWS` rows (a prefill) per-channel int8 runs as fp32 `F.linear` on the codes times
     the scale, with float32 activations: the float64 result to fp32 precision. Fewer rows keep the packed
     kernel and its bf16 activations."""
     monkeypatch.setattr(quant_torch, "INT8_DEQUANT_ROWS", 16)
+    monkeypatch.setattr(quant_torch, "DEQUANT_CHUNK", chunk)  # 80 output channels: one chunk or 32 + 32 + 16
     layer = _layer(8, None, k=192, n=80)
     x = torch.randn(rows, 192).to(dtype)
     y, ops = _recorded_call(layer, x)
@@ -202,11 +204,13 @@ def test_torch_int8_many_rows_multiply_the_exact_weight_in_float32(rows, dtype, 
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("rows", [15, 16, 41])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_int4_many_rows_dequantize_exactly_to_float32(rows, group, dtype, monkeypatch):
+@pytest.mark.parametrize("chunk", [8192, 32], ids=["one-chunk", "3-chunks"])
+def test_torch_int4_many_rows_dequantize_exactly_to_float32(rows, group, dtype, chunk, monkeypatch):
     """From `INT4_DEQUANT_ROWS` rows int4 multiplies the exact float32 weight (unpacked in a permuted column
     order, x permuted alike) with float32 activations: the float64 result to fp32 precision. Fewer rows
     keep the packed kernel."""
     monkeypatch.setattr(quant_torch, "INT4_DEQUANT_ROWS", 16)
+    monkeypatch.setattr(quant_torch, "DEQUANT_CHUNK", chunk)
     layer = _layer(4, group, k=192, n=80)
     x = torch.randn(rows, 192).to(dtype)
     y, ops = _recorded_call(layer, x)
