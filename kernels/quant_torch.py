@@ -21,6 +21,8 @@ exact weight in float32 and float32 activations through fp32 GEMM instead (``INT
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -96,7 +98,10 @@ def prepare(*, qweight, scale, zero, bits, group_size) -> dict:
 
 
 def _linear_by_chunks(
-    x: torch.Tensor, n: int, weight_rows, scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    n: int,
+    weight_rows: Callable[[int, int], torch.Tensor],
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` (times a per-channel `scale`) in float32, `W` built `DEQUANT_CHUNK` output channels at a
     time by ``weight_rows(start, end)``."""
