@@ -185,7 +185,7 @@ def rows_of(results: dict[str, dict]) -> list[Row]:
                 rows.append(
                     Row("decode", f"{config} b{batch}", base, results[base]["tokens_per_s"][batch], value)
                 )
-            for batch, value in r.get("prefill", {}).items():
+            for batch, value in r["prefill"].items():
                 label = f"{config} b{batch}, prompt {PROMPT_LEN}"
                 rows.append(Row("prefill", label, base, results[base]["prefill"][batch], value))
             rows.append(

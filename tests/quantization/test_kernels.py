@@ -180,42 +180,33 @@ def _recorded_call(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, l
     return out[0], ops
 
 
+# (bits, group, the threshold of the float32 route, the packed kernel it replaces)
+MANY_ROW_FORMATS = [
+    (8, None, "INT8_DEQUANT_ROWS", "_weight_int8pack_mm"),
+    (4, 32, "INT4_DEQUANT_ROWS", "_weight_int4pack_mm"),
+    (4, 64, "INT4_DEQUANT_ROWS", "_weight_int4pack_mm"),
+]
+
+
+@pytest.mark.parametrize("bits,group,threshold,packed_op", MANY_ROW_FORMATS)
 @pytest.mark.parametrize("rows", [15, 16, 41])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [8192, 32], ids=["one-chunk", "3-chunks"])
-def test_torch_int8_many_rows_multiply_the_exact_weight_in_float32(rows, dtype, chunk, monkeypatch):
-    """From `INT8_DEQUANT_ROWS` rows (a prefill) per-channel int8 runs as fp32 `F.linear` on the codes times
-    the scale, with float32 activations: the float64 result to fp32 precision. Fewer rows keep the packed
-    kernel and its bf16 activations."""
-    monkeypatch.setattr(quant_torch, "INT8_DEQUANT_ROWS", 16)
+def test_torch_many_rows_multiply_the_exact_weight_in_float32(
+    bits, group, threshold, packed_op, rows, dtype, chunk, monkeypatch
+):
+    """From `INT8_DEQUANT_ROWS` / `INT4_DEQUANT_ROWS` rows (a prefill) per-channel int8 and int4 multiply the
+    exact float32 weight with float32 activations through fp32 `F.linear` (int8: the codes, times the scale
+    after; int4: unpacked in a permuted column order, x permuted alike), `DEQUANT_CHUNK` output channels at
+    a time: the float64 result to fp32 precision. Fewer rows keep the packed kernel and its bf16
+    activations."""
+    monkeypatch.setattr(quant_torch, threshold, 16)
     monkeypatch.setattr(quant_torch, "DEQUANT_CHUNK", chunk)  # 80 output channels: one chunk or 32 + 32 + 16
-    layer = _layer(8, None, k=192, n=80)
+    layer = _layer(bits, group, k=192, n=80)
     x = torch.randn(rows, 192).to(dtype)
     y, ops = _recorded_call(layer, x)
     dequantizes = rows >= 16
-    assert any("_weight_int8pack_mm" in op for op in ops) == (not dequantizes)
-    assert y.dtype == dtype and y.shape == (rows, 80)
-    tol = (
-        (1e-5 if dtype == torch.float32 else 2**-7) if dequantizes else BF16_TOL
-    )  # bf16: output and bias roundings
-    assert _rel_err(y, _reference(layer, x)) < tol
-
-
-@pytest.mark.parametrize("group", [32, 64])
-@pytest.mark.parametrize("rows", [15, 16, 41])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [8192, 32], ids=["one-chunk", "3-chunks"])
-def test_torch_int4_many_rows_dequantize_exactly_to_float32(rows, group, dtype, chunk, monkeypatch):
-    """From `INT4_DEQUANT_ROWS` rows int4 multiplies the exact float32 weight (unpacked in a permuted column
-    order, x permuted alike) with float32 activations: the float64 result to fp32 precision. Fewer rows
-    keep the packed kernel."""
-    monkeypatch.setattr(quant_torch, "INT4_DEQUANT_ROWS", 16)
-    monkeypatch.setattr(quant_torch, "DEQUANT_CHUNK", chunk)
-    layer = _layer(4, group, k=192, n=80)
-    x = torch.randn(rows, 192).to(dtype)
-    y, ops = _recorded_call(layer, x)
-    dequantizes = rows >= 16
-    assert any("_weight_int4pack_mm" in op for op in ops) == (not dequantizes)
+    assert any(packed_op in op for op in ops) == (not dequantizes)
     assert y.dtype == dtype and y.shape == (rows, 80)
     tol = (
         (1e-5 if dtype == torch.float32 else 2**-7) if dequantizes else BF16_TOL
