@@ -9,8 +9,9 @@ a bf16 ``s``. Shapes or devices the packed kernels do not take fall back to dequ
 a one-time warning.
 
 On a CPU with AVX-512, inside a ``torch.compile`` trace a single row of int8 (a batch-1 decode step) is
-written as the dequantize-and-reduce ``sum(x * q) * s`` in float32 instead: inductor fuses it into one
-vectorised loop that reads the int8 weight faster than the packed kernel does there; with AVX2 only, the
+written as the dequantize-and-reduce ``sum(x * q) * s`` in float32 instead, over two halves of the output
+channels so that inductor's loop keeps two independent sums (``ROW_REDUCE_SPLIT``): inductor fuses it into
+one vectorised loop that reads the int8 weight faster than the packed kernel does there; with AVX2 only, the
 loop inductor writes is about 3x slower than the packed kernel, which stays (``INT8_ROW_REDUCE``,
 docs/results-cpu.md). Same weight; the activations of an fp32 model are then not rounded to bf16.
 
@@ -36,6 +37,11 @@ _ALIGN = 64  # bytes
 # SmolLM2, +13% tokens/s on one Intel Xeon with AVX-512 and +4-19% on another; 3.2x slower per matmul on an
 # AMD EPYC with AVX2 only (404 against 127 us; the model 7 against 34 tokens/s). docs/results-cpu.md.
 INT8_ROW_REDUCE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+# Parts the output channels of that reduce are split into (independent accumulators in inductor's loop):
+# one chain of dependent adds leaves the loop waiting on the add latency. int8+compile SmolLM2 on the second
+# Xeon, the settings alternated in one process (medians of 4 generates): 55.0 / 51.5 tokens/s with one
+# part, 65.8 / 63.2 with two, 66.1 with four. docs/results-cpu.md.
+ROW_REDUCE_SPLIT = 2
 # From these many rows (a prefill) the packed kernels, whose time grows with the rows faster than a GEMM's,
 # give way to the exact weight in float32 and fp32 `F.linear` with float32 activations: per-channel int8 as
 # ``F.linear(x, q.float()) * s``; int4 dequantized group by group. Per 1536 x 576 weight on the second Xeon:
@@ -134,8 +140,18 @@ def _int4_linear_fp32(x: torch.Tensor, by_group: dict) -> torch.Tensor:
 
 def _int8_row_reduce(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """One row x [1, K] times the int8 weight [N, K] and its scale [N], in float32, as a reduction
-    inductor fuses (not for eager use: eagerly it would materialise the [N, K] products)."""
-    return ((x.float() * weight.float()).sum(-1) * scale.float()).unsqueeze(0)
+    inductor fuses (not for eager use: eagerly it would materialise the [N, K] products).
+
+    The output channels are reduced in `ROW_REDUCE_SPLIT` equal parts: inductor fuses reductions of the same
+    shape into one loop with one accumulator each, so the loop carries that many independent sums instead
+    of one chain of dependent vector adds (see `ROW_REDUCE_SPLIT`)."""
+    xf = x.float()
+    n = weight.shape[0]
+    parts = ROW_REDUCE_SPLIT if n % ROW_REDUCE_SPLIT == 0 else 1
+    step = n // parts
+    sums = [(xf * weight[i * step : (i + 1) * step].float()).sum(-1) for i in range(parts)]
+    y = sums[0] if parts == 1 else torch.cat(sums, dim=-1)
+    return (y * scale.float()).unsqueeze(0)
 
 
 @register("weight_quant_matmul", "torch")

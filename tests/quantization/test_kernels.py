@@ -126,12 +126,14 @@ def test_torch_int8_kernel_takes_a_misaligned_weight():
 
 @pytest.mark.parametrize("row_reduce", [True, False], ids=["avx512", "avx2"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_torch_int8_under_compile_reduces_one_row_where_it_pays(rows, row_reduce, monkeypatch):
+@pytest.mark.parametrize("n", [80, 81], ids=["even-n", "odd-n"])
+def test_torch_int8_under_compile_reduces_one_row_where_it_pays(rows, row_reduce, n, monkeypatch):
     """Where the one-row reduce pays (AVX-512), a compiled batch-1 decode step computes int8 as
-    sum(x * q) * s in float32 (fused by inductor): the float64 result to fp32 precision. More rows, or a
-    CPU where it does not pay (AVX2), keep the packed kernel and its bf16 activations."""
+    sum(x * q) * s in float32 (fused by inductor), the output channels in ROW_REDUCE_SPLIT parts when they
+    divide evenly: the float64 result to fp32 precision. More rows, or a CPU where it does not pay (AVX2),
+    keep the packed kernel and its bf16 activations."""
     monkeypatch.setattr(quant_torch, "INT8_ROW_REDUCE", row_reduce)
-    layer = _layer(8, None, k=192, n=80, bias=False)
+    layer = _layer(8, None, k=192, n=n, bias=False)
     x = torch.randn(rows, 192)
     reduces = rows == 1 and row_reduce
     with optimum_atb.use_backend("torch"):
@@ -139,7 +141,9 @@ def test_torch_int8_under_compile_reduces_one_row_where_it_pays(rows, row_reduce
         seen: list[str] = []
 
         def recording_backend(gm, example_inputs):
-            seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+            seen.extend(
+                str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method")
+            )
             return gm
 
         torch._dynamo.reset()
@@ -147,6 +151,11 @@ def test_torch_int8_under_compile_reduces_one_row_where_it_pays(rows, row_reduce
         compiled = torch.compile(layer, backend="inductor", fullgraph=True, dynamic=False)(x)
     uses_packed = any("_weight_int8pack_mm" in target for target in seen)
     assert uses_packed == (not reduces)
+    if reduces:
+        assert quant_torch.ROW_REDUCE_SPLIT > 1
+        assert seen.count("sum") == (
+            quant_torch.ROW_REDUCE_SPLIT if n % quant_torch.ROW_REDUCE_SPLIT == 0 else 1
+        )
     for y in (traced, compiled):
         assert _rel_err(y, _reference(layer, x)) < (1e-5 if reduces else BF16_TOL)
     if not reduces:
