@@ -154,6 +154,21 @@ def _int8_row_reduce(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor)
     return (y * scale.float()).unsqueeze(0)
 
 
+def _packed_matmul(x: torch.Tensor, state: dict) -> torch.Tensor:
+    """x [rows, K] through torch's packed kernels (bf16 activations, cast here)."""
+    x = x.to(_KERNEL_DTYPE)
+    if state["kind"] == "int8":
+        return torch.ops.aten._weight_int8pack_mm(x, state["weight"], state["scale"])
+    if state["kind"] == "int8_groups":
+        (hi, hi_sz), (lo, lo_sz) = state["halves"]
+        group = state["group_size"]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, hi, group, hi_sz).float()
+        return y.add_(torch.ops.aten._weight_int4pack_mm_for_cpu(x, lo, group, lo_sz))
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x, state["weight"], state["group_size"], state["scale_zero"]
+    )
+
+
 @register("weight_quant_matmul", "torch")
 def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ dequant(W).T + bias`` in the layout `prepare` produced; output in x's dtype."""
@@ -162,24 +177,14 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    x2 = flat.to(_KERNEL_DTYPE)
     if state["kind"] == "int8" and flat.shape[0] == 1 and INT8_ROW_REDUCE and torch.compiler.is_compiling():
         y = _int8_row_reduce(flat, state["weight"], state["scale"])
     elif state["kind"] == "int8" and flat.shape[0] >= INT8_DEQUANT_ROWS:
         weight = state["weight"]
         y = _linear_by_chunks(flat.float(), weight.shape[0], lambda a, b: weight[a:b].float(), state["scale"])
-    elif state["kind"] == "int8":
-        y = torch.ops.aten._weight_int8pack_mm(x2, state["weight"], state["scale"])
-    elif state["kind"] == "int8_groups":
-        (hi, hi_sz), (lo, lo_sz) = state["halves"]
-        group = state["group_size"]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, hi, group, hi_sz).float()
-        y = y.add_(torch.ops.aten._weight_int4pack_mm_for_cpu(x2, lo, group, lo_sz))
     elif state["kind"] == "int4" and flat.shape[0] >= INT4_DEQUANT_ROWS:
         y = _int4_linear_fp32(flat, state["by_group"])
     else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, state["weight"], state["group_size"], state["scale_zero"]
-        )
+        y = _packed_matmul(flat, state)
     y = y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
     return y if bias is None else y + bias.to(x.dtype)
