@@ -33,7 +33,6 @@ class _State:
     fuse: frozenset[str]
     backend: str
     quantize: str | None
-    prequantized: bool = False  # loaded quantized (load_gguf, AtbQuantConfig): keep its QuantLinears apart
     # (module, previous instance forward, previous class): what each _bind changed
     forwards: list[tuple[nn.Module, object, type | None]] = field(default_factory=list)
     fused: list[tuple[nn.Module, tuple[str, ...], str]] = field(default_factory=list)
@@ -115,18 +114,20 @@ def _glu(spec, config):
 
 def _convert_layer(state: _State, spec, layer: nn.Module, config) -> None:
     from .patches import fused
-    from .patches.weights import fuse_linears
+    from .patches.weights import can_fuse, fuse_linears
 
     fuse = state.fuse
     attn, mlp = layer.self_attn, layer.mlp
-    # Quantized models keep Q/K/V and gate/up as separate quantized matmuls: concatenating first would
-    # quantize the shared-storage originals and the fused copy both.
-    concat = not spec.fused_in_checkpoint and state.quantize is None and not state.prequantized
+
+    def concat(parent: nn.Module, parts: tuple[str, ...]) -> bool:
+        # float or quantized alike (quantization ran first); parts left in other formats stay apart
+        return not spec.fused_in_checkpoint and can_fuse([getattr(parent, name) for name in parts])
+
     if "norm" in fuse:
         layer._atb = fused.DecoderPlan(fused.norm_eps(layer.input_layernorm), spec.norm_offset)
         _bind(state, layer, spec.decoder_forward)
     if fuse & _ATTENTION_FUSIONS or ("norm" in fuse and spec.qk_norm):
-        if "qkv" in fuse and concat:
+        if "qkv" in fuse and concat(attn, ("q_proj", "k_proj", "v_proj")):
             state.hooks += fuse_linears(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
             state.fused.append((attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
         split = None
@@ -152,7 +153,7 @@ def _convert_layer(state: _State, spec, layer: nn.Module, config) -> None:
         )
         _bind(state, attn, fused.attention_forward)
     if "mlp" in fuse:
-        if concat:
+        if concat(mlp, ("gate_proj", "up_proj")):
             state.hooks += fuse_linears(mlp, ("gate_proj", "up_proj"), "gate_up_proj")
             state.fused.append((mlp, ("gate_proj", "up_proj"), "gate_up_proj"))
         glu, glu_kwargs = _glu(spec, config)
@@ -209,8 +210,8 @@ def to_atb(
 
     ``fuse``: True (all), False, or a subset of ``FUSIONS``. ``backend``: ``"auto"`` (by device) or a
     backend name pinned for this model's ops (checked now: ``BackendUnavailableError``). ``quantize``:
-    None, ``"int8"`` or ``"int4"`` weight-only (with ``group_size``; Q/K/V and gate/up then stay separate
-    quantized matmuls); ``include_lm_head`` (None: quantize()'s default, True) quantizes the output
+    None, ``"int8"`` or ``"int4"`` weight-only (with ``group_size``; Q/K/V and gate/up are concatenated
+    as quantized layers, one matmul each); ``include_lm_head`` (None: quantize()'s default, True) quantizes the output
     projection too, always to int8 (docs/quantization.md). ``compile``: decode through a compiled
     static-shape step (:mod:`optimum_atb.compiled_decode`; the first ``generate`` per batch size compiles
     it). A second call is a no-op.
@@ -232,12 +233,13 @@ def to_atb(
 
         compiled_decode.check_compiler(next(model.parameters()).device)
 
-    from .quantization.apply import check_not_quantized, is_quantized_by_us
+    state = _State(fuse=fusions, backend=backend, quantize=quantize)
+    if quantize is not None:  # first: Q/K/V and gate/up are then concatenated as quantized layers
+        from .quantization import quantize as quantize_model
 
-    prequantized = is_quantized_by_us(model)
-    if quantize is not None:
-        check_not_quantized(model)
-    state = _State(fuse=fusions, backend=backend, quantize=quantize, prequantized=prequantized)
+        quantize_model(
+            model, bits=QUANTIZE_BITS[quantize], group_size=group_size, include_lm_head=include_lm_head
+        )
     with torch.no_grad():
         for layer in layers:
             _convert_layer(state, spec, layer, config)
@@ -249,12 +251,6 @@ def to_atb(
     if backend != "auto":
         _pin_backend(state, model, backend)
     model._atb_state = state
-    if quantize is not None:
-        from .quantization import quantize as quantize_model
-
-        quantize_model(
-            model, bits=QUANTIZE_BITS[quantize], group_size=group_size, include_lm_head=include_lm_head
-        )
     if compile:
         state.compiled = compiled_decode.enable(model)
     from . import speculative

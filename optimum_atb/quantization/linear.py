@@ -79,6 +79,10 @@ class QuantLinear(nn.Module):
         self._prepared = {}  # buffers may move or change dtype: repack lazily on the next forward
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._prepared = {}  # loading copies into the buffers in place: the kernel layouts would be stale
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = resolve(x.device)
         state = self._prepared.get(backend)

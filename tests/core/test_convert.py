@@ -225,32 +225,75 @@ def test_quantize_hook_and_revert_refusal(monkeypatch):
 
     monkeypatch.setattr(optimum_atb.quantization, "quantize", fake_quantize)
     model = _stock().to_atb(quantize="int4", group_size=32)
-    assert calls == [(4, 32, None, False)]  # called once; quantized models keep Q/K/V as separate matmuls
+    assert calls == [(4, 32, None, False)]  # called once, before Q/K/V are concatenated
     with pytest.raises(QuantizationError, match="revert"):
         optimum_atb.revert(model)
 
 
+def _assert_quantized_fusions(model, reference) -> None:
+    """Q/K/V and gate/up of `model` are one QuantLinear each whose buffers the parts view; the buffers
+    hold exactly `reference`'s (separately quantized) codes, scales and zeros."""
+    from optimum_atb.patches.weights import QUANT_TENSORS
+    from optimum_atb.quantization import QuantLinear
+
+    for layer, ref_layer in zip(model.model.layers, reference.model.layers):
+        for parent, ref_parent, fused_name, parts in (
+            (layer.self_attn, ref_layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            (layer.mlp, ref_layer.mlp, "gate_up_proj", ("gate_proj", "up_proj")),
+        ):
+            fused = getattr(parent, fused_name)
+            assert type(fused) is QuantLinear
+            for name in QUANT_TENSORS:
+                expected = [getattr(getattr(ref_parent, p), name) for p in parts]
+                if expected[0] is None:
+                    continue
+                assert torch.equal(getattr(fused, name), torch.cat(expected))
+                offset = 0
+                for p in parts:
+                    part = getattr(getattr(parent, p), name)
+                    assert part.data_ptr() == getattr(fused, name)[offset:].data_ptr()  # a view, no copy
+                    offset += part.shape[0]
+
+
 @pytest.mark.parametrize("method,bits", [("int8", 8), ("int4", 4)])
 def test_to_atb_quantize_matches_quantized_stock(method, bits):
-    """Every linear quantized exactly once (no fused copy beside the originals), same math as quantizing
-    the stock model."""
+    """Every linear quantized exactly once, Q/K/V and gate/up then concatenated as quantized layers whose
+    buffers the parts view (no second copy); same math as quantizing the stock model."""
     from optimum_atb.quantization import QuantLinear
 
     reference = optimum_atb.quantize(_stock(), bits=bits, group_size=32 if bits == 4 else None)
     model = _stock().to_atb(quantize=method, group_size=32 if bits == 4 else None)
-    quantized = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
-    assert len(quantized) == 2 * 7 + 1 and not any("qkv" in n or "gate_up" in n for n in quantized)
+    _assert_quantized_fusions(model, reference)
     assert not any(type(m) is torch.nn.Linear for n, m in model.named_modules() if ".layers." in n)
+    assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n.endswith("proj"))
     torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=2e-3)
+    # the checkpoint format is the stock quantized one: no fused keys, the parts' own tensors
+    state, ref_state = model.state_dict(), reference.state_dict()
+    assert state.keys() == ref_state.keys()
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+    assert all(state[k].untyped_storage().nbytes() == state[k].nbytes for k in state if "layers.0." in k)
 
 
-def test_to_atb_of_an_already_quantized_model_keeps_its_quantized_linears():
-    """A model loaded quantized (load_gguf, AtbQuantConfig) converts without concatenating Q/K/V."""
+def test_to_atb_of_an_already_quantized_model_fuses_and_reverts():
+    """A model loaded quantized (load_gguf, AtbQuantConfig) concatenates its quantized Q/K/V and gate/up;
+    loading a state dict writes through to the fused layers; revert gives the parts their own buffers."""
     reference = optimum_atb.quantize(_stock(), bits=4, group_size=32)
     model = optimum_atb.quantize(_stock(), bits=4, group_size=32).to_atb()
+    _assert_quantized_fusions(model, reference)
+    torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=2e-3)
+    perturbed = _stock()
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other = optimum_atb.quantize(perturbed, bits=4, group_size=32)
+    model.load_state_dict(other.state_dict())
+    _assert_quantized_fusions(model, other)
+    torch.testing.assert_close(_logits(model), _logits(other), rtol=0, atol=2e-3)
+    optimum_atb.revert(model)
     attn = model.model.layers[0].self_attn
     assert not hasattr(attn, "qkv_proj") and not hasattr(model.model.layers[0].mlp, "gate_up_proj")
-    torch.testing.assert_close(_logits(model), _logits(reference), rtol=0, atol=2e-3)
+    assert attn.k_proj.weight.untyped_storage().nbytes() == attn.k_proj.weight.nbytes
+    torch.testing.assert_close(_logits(model), _logits(other), rtol=0, atol=2e-3)
     quantized = optimum_atb.quantize(_stock(), bits=8)
     with pytest.raises(QuantizationError, match="already quantized"):
         quantized.to_atb(quantize="int8")
