@@ -3,9 +3,9 @@
 ``fuse_linears`` allocates one weight (and bias) for several ``nn.Linear`` with the same input, and
 re-points each original parameter to a view into it: no memory is duplicated, the originals keep their
 names and shapes, and loading into them writes the fused weight. Quantized layers (``QuantLinear`` of one
-format) are fused the same way, over their quantized buffers (codes, scales, zeros). A state-dict hook hides the fused
-module and clones the views (safetensors refuses tensors sharing storage); a load pre-hook fills the
-fused keys from the originals. ``unfuse_linears`` gives the originals plain parameters of their own.
+format) are fused the same way, over their quantized buffers (codes, scales, zeros). A state-dict hook
+hides the fused module and clones the views (safetensors refuses tensors sharing storage); a load pre-hook
+fills the fused keys from the originals. ``unfuse_linears`` gives the originals tensors of their own.
 """
 
 from __future__ import annotations
@@ -72,18 +72,14 @@ def fuse_linears(parent: nn.Module, parts: tuple[str, ...], fused_name: str) -> 
         fused.bias = nn.Parameter(bias, requires_grad=linears[0].bias.requires_grad)
     offset = 0
     for m in linears:
-        n = m.out_features
-        for name in names:
-            whole = getattr(fused, name)
-            if whole is None:
-                continue
-            view = whole[offset : offset + n]
-            setattr(m, name, view if quantized else nn.Parameter(view, requires_grad=m.weight.requires_grad))
+        rows = slice(offset, offset + m.out_features)
+        if quantized:  # views of the fused buffers; also drops the parts' kernel layouts (no longer called)
+            m.set_quantized(*(None if t is None else t[rows] for t in (getattr(fused, n) for n in names)))
+        else:
+            m.weight = nn.Parameter(weight[rows], requires_grad=m.weight.requires_grad)
         if bias is not None:
-            m.bias = nn.Parameter(bias[offset : offset + n], requires_grad=m.bias.requires_grad)
-        if quantized:
-            m._prepared = {}  # the parts are no longer called; their kernel layouts would only hold memory
-        offset += n
+            m.bias = nn.Parameter(bias[rows], requires_grad=m.bias.requires_grad)
+        offset += m.out_features
     parent.add_module(fused_name, fused)
     suffixes = (*names, "bias")
 
@@ -108,18 +104,16 @@ def fuse_linears(parent: nn.Module, parts: tuple[str, ...], fused_name: str) -> 
 
 
 def unfuse_linears(parent: nn.Module, parts: tuple[str, ...], fused_name: str) -> None:
-    """Give ``parent.<parts>`` plain parameters (quantized buffers) of their own again and drop the fused
+    """Give ``parent.<parts>`` parameters (quantized buffers) of their own again and drop the fused
     module."""
     for name in parts:
         m = getattr(parent, name)
-        if type(m) is not nn.Linear:
+        if type(m) is nn.Linear:
+            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+        else:
             m.set_quantized(
                 *(None if t is None else t.clone() for t in (getattr(m, n) for n in QUANT_TENSORS))
             )
-            if m.bias is not None:
-                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
-            continue
-        m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
         if m.bias is not None:
             m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
     delattr(parent, fused_name)
