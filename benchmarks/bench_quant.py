@@ -43,27 +43,32 @@ from harness import (  # noqa: E402
 
 # "int8" / "int4": quantize(bits=8) (per channel) / quantize(bits=4) (groups of 32, the default);
 # "-gN": one scale per group of N input features (int4 groups of 64 measure the default's choice; 128 does
-# not divide SmolLM2's 576 input features)
+# not divide SmolLM2's 576 input features); "+compile-cpp": compiled with compile_options={"cpp_wrapper": True}
 CONFIGS = (
     "stock-fp32", "stock-bf16", "int8", "int8-g32", "int4", "int4-g64", "gguf-q4_1",
-    "int8+compile", "int4+compile", "int4-g64+compile", "gguf-q4_1+compile",
+    "int8+compile", "int4+compile", "int4+compile-cpp", "int4-g64+compile", "gguf-q4_1+compile",
 )  # fmt: skip
+COMPILE_SUFFIXES = {"+compile": None, "+compile-cpp": {"cpp_wrapper": True}}  # suffix: compile_options
 
 PROMPT_LEN = 64  # tokens per row
 KINDS = ("stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1")
 
 
-def parse_config(config: str) -> tuple[str, int | None, bool] | None:
-    """(kind of KINDS, group size or None, compiled) of a configuration name, None for an unknown one:
-    int8/int4 take an optional "-gN" group size, every kind but stock a "+compile"."""
-    name = config.removesuffix("+compile")
-    compiled = name != config
+def parse_config(config: str) -> tuple[str, int | None, bool, dict | None] | None:
+    """(kind of KINDS, group size or None, compiled, compile options) of a configuration name, None for an
+    unknown one: int8/int4 take an optional "-gN" group size, every kind but stock a "+compile" or
+    "+compile-cpp"."""
+    name, suffix, options = config, "", None
+    for candidate, candidate_options in COMPILE_SUFFIXES.items():
+        if config.endswith(candidate):
+            name, suffix, options = config.removesuffix(candidate), candidate, candidate_options
+    compiled = bool(suffix)
     kind, _, group = name.partition("-g")
     if kind not in KINDS or (compiled and kind.startswith("stock")):
         return None
     if group and (kind not in ("int8", "int4") or not group.isdigit()):
         return None
-    return kind, int(group) if group else None, compiled
+    return kind, int(group) if group else None, compiled, options
 
 
 def weight_bytes(model) -> int:
@@ -92,22 +97,23 @@ def peak_rss_mib() -> float:
 
 def build(config: str):
     """`config` is a name of CONFIGS: "+compile" means ``to_atb(compile=True)`` (fused modules and a
-    compiled decode step); without it the quantized layers run in the stock modules, eagerly."""
+    compiled decode step; "+compile-cpp" with inductor's C++ wrapper); without it the quantized layers run
+    in the stock modules, eagerly."""
     import optimum_atb
 
-    kind, group_size, compiled = parse_config(config)
+    kind, group_size, compiled, options = parse_config(config)
     if kind == "gguf-q4_1":
         from harness import GGUF_FILE, smollm2_dir
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
         model = optimum_atb.load_gguf(smollm2_dir(), GGUF_FILE)
-        return (model.to_atb(compile=True) if compiled else model), tok
+        return (model.to_atb(compile=True, compile_options=options) if compiled else model), tok
     model, tok = load_smollm2(torch.bfloat16 if kind == "stock-bf16" else torch.float32)
     if kind.startswith("stock"):
         return model, tok
     if compiled:
-        model.to_atb(quantize=kind, group_size=group_size, compile=True)
+        model.to_atb(quantize=kind, group_size=group_size, compile=True, compile_options=options)
     else:
         optimum_atb.quantize(model, bits=8 if kind == "int8" else 4, group_size=group_size)
     return model, tok

@@ -10,6 +10,7 @@ from .backends import backend_info, set_backend, use_backend
 from .convert import revert, to_atb
 from .errors import (
     BackendUnavailableError,
+    CompileOptionsError,
     KVCacheCapacityError,
     OptimumAtbError,
     QuantizationError,
@@ -31,6 +32,7 @@ _register_quantization()
 __all__ = [
     "AtbQuantConfig",
     "BackendUnavailableError",
+    "CompileOptionsError",
     "KVCacheCapacityError",
     "OptimumAtbError",
     "PagedCache",

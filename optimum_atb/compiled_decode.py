@@ -9,6 +9,11 @@ sets the model's generation config accordingly and restores it on ``revert``.
 
 The first ``generate`` for a new batch size (or a longer cache) compiles the step: about 20-30 s for
 SmolLM2-135M on a 2-core CPU. A cache passed explicitly (``PagedCache``, ``DynamicCache``) runs eagerly.
+
+``compile_options`` are inductor's options (``torch.compile(options=...)``, ``torch._inductor.list_options()``)
+for these graphs and the speculative decoder's. ``{"cpp_wrapper": True}`` replaces the Python code that calls
+each graph's kernels with compiled C++: on a CPU that code is a visible share of a small model's decode step,
+and the first compile takes about twice as long (docs/results-cpu.md).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from torch import nn
 from transformers import CompileConfig
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, CompileOptionsError
 
 logger = logging.getLogger("optimum_atb")
 
@@ -39,23 +44,47 @@ def check_compiler(device: torch.device) -> None:
         )
 
 
-def enable(model: nn.Module) -> dict:
-    """Make ``model.generate`` decode through a compiled static-shape step; returns what to restore."""
+def check_options(options: dict | None, compile: bool) -> None:
+    """Reject `options` that ``torch.compile`` would only reject at the first ``generate``."""
+    if options is None:
+        return
+    if not compile:
+        raise CompileOptionsError("compile_options apply to compiled graphs: pass compile=True as well.")
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise CompileOptionsError(f"compile_options must be a dict of inductor option names, got {options!r}")
+    from torch._inductor import list_options
+
+    unknown = sorted(set(options) - set(list_options()))
+    if unknown:
+        raise CompileOptionsError(
+            f"unknown inductor option(s) {unknown}: see torch._inductor.list_options() (e.g. 'cpp_wrapper')."
+        )
+
+
+def enable(model: nn.Module, options: dict | None = None) -> dict:
+    """Make ``model.generate`` decode through a compiled static-shape step, with inductor `options`;
+    returns what to restore."""
     config = model.generation_config
     saved = {
         "cache_implementation": getattr(config, "cache_implementation", None),
         "compile_config": getattr(config, "compile_config", None),
     }
-    compile_config = CompileConfig(fullgraph=False, dynamic=False)
+    if options:  # torch.compile takes a mode or options, not both (the default mode only matters on CUDA)
+        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode=None, options=dict(options))
+    else:
+        compile_config = CompileConfig(fullgraph=False, dynamic=False)
     compile_config._compile_all_devices = True
     config.compile_config = compile_config
     config.cache_implementation = "static"
     from .speculative.static_slots import attach_compiled
 
-    attach_compiled(model)  # the speculative decoder's verify forwards (docs/speculative.md)
+    attach_compiled(model, options)  # the speculative decoder's verify forwards (docs/speculative.md)
+    slower = " and longer with cpp_wrapper" if (options or {}).get("cpp_wrapper") else ""
     logger.warning(
         "optimum-atb: generate() now decodes with a compiled step; the first call for a new batch size "
-        "or a longer cache compiles it (about 20-30 s for a 135M model on a 2-core CPU)."
+        "or a longer cache compiles it (about 20-30 s for a 135M model on a 2-core CPU once inductor's "
+        "cache holds its kernels, about a minute the first time%s).",
+        slower,
     )
     return saved
 

@@ -205,6 +205,7 @@ def to_atb(
     group_size: int | None = None,
     include_lm_head: bool | None = None,
     compile: bool = False,
+    compile_options: dict | None = None,
 ) -> nn.Module:
     """Convert a LLaMA-family model in place to optimum-atb's fused modules and return it.
 
@@ -214,7 +215,7 @@ def to_atb(
     as quantized layers, one matmul each); ``include_lm_head`` (None: quantize()'s default, True) quantizes the output
     projection too, always to int8 (docs/quantization.md). ``compile``: decode through a compiled
     static-shape step (:mod:`optimum_atb.compiled_decode`; the first ``generate`` per batch size compiles
-    it). A second call is a no-op.
+    it), with inductor's ``compile_options`` (e.g. ``{"cpp_wrapper": True}``). A second call is a no-op.
     Raises :class:`UnsupportedModelError` for other architectures, before changing anything.
     """
     if getattr(model, "_atb_state", None) is not None:
@@ -228,9 +229,10 @@ def to_atb(
     spec = spec_for(getattr(config, "model_type", None))
     layers = _decoder_layers(model, spec)
     _check_backend(model, backend)
-    if compile:
-        from . import compiled_decode
+    from . import compiled_decode
 
+    compiled_decode.check_options(compile_options, compile)
+    if compile:
         compiled_decode.check_compiler(next(model.parameters()).device)
 
     state = _State(fuse=fusions, backend=backend, quantize=quantize)
@@ -252,7 +254,7 @@ def to_atb(
         _pin_backend(state, model, backend)
     model._atb_state = state
     if compile:
-        state.compiled = compiled_decode.enable(model)
+        state.compiled = compiled_decode.enable(model, compile_options)
     from . import speculative
 
     speculative.attach(model)

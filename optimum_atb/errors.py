@@ -19,3 +19,7 @@ class KVCacheCapacityError(OptimumAtbError, RuntimeError):
 
 class QuantizationError(OptimumAtbError, ValueError):
     """Invalid quantization request (bits, group size, already quantized model...)."""
+
+
+class CompileOptionsError(OptimumAtbError, ValueError):
+    """Invalid ``compile_options`` (without ``compile=True``, not a dict, or an option inductor lacks)."""

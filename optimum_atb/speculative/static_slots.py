@@ -137,16 +137,16 @@ class CompiledForward:
     forward (inside it ``ops.linear`` does not choose its float32 form by row count).
     ``last_compiled`` says whether the last call compiled a graph (its time is not a step's cost)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, options: dict | None = None):
+        self.model, self.options = model, options
         # a static graph for one token has fewer guards to check per call than a dynamic one (~0.4 ms)
-        self.single = torch.compile(model.forward, dynamic=False, fullgraph=False)
-        self.wide = torch.compile(model.forward, dynamic=None, fullgraph=False)
+        self.single = torch.compile(model.forward, dynamic=False, fullgraph=False, options=options)
+        self.wide = torch.compile(model.forward, dynamic=None, fullgraph=False, options=options)
         self.compiles = 0  # calls that compiled at least one graph
         self.last_compiled = False
 
     def __deepcopy__(self, memo):
-        return CompiledForward(memo.get(id(self.model), self.model))  # a copied model compiles its own
+        return CompiledForward(memo.get(id(self.model), self.model), self.options)  # a copy compiles its own
 
     def __call__(self, *, input_ids, position_ids, **inputs):
         graphs = counters["stats"]["unique_graphs"]
@@ -162,8 +162,8 @@ class CompiledForward:
         return out
 
 
-def attach_compiled(model) -> None:
-    """Give `model` a :class:`CompiledForward` (kept; idempotent).
+def attach_compiled(model, options: dict | None = None) -> None:
+    """Give `model` a :class:`CompiledForward` compiled with inductor `options` (kept; idempotent).
 
     Every graph of every model of a class counts towards ``torch._dynamo``'s recompile limit for its
     ``forward`` (8 by default; past it dynamo runs the forward eagerly): a draft and a target of the same
@@ -179,7 +179,7 @@ def attach_compiled(model) -> None:
         )
         config.recompile_limit = RECOMPILE_LIMIT
     if COMPILED_ATTR not in model.__dict__:
-        model.__dict__[COMPILED_ATTR] = CompiledForward(model)
+        model.__dict__[COMPILED_ATTR] = CompiledForward(model, options)
 
 
 def compiled_forward(model) -> CompiledForward | None:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import optimum_atb
-from optimum_atb import BackendUnavailableError
+from optimum_atb import BackendUnavailableError, CompileOptionsError
 
 pytestmark = pytest.mark.slow  # each test compiles a decode step (10-30 s on 2 cores)
 
@@ -79,6 +79,50 @@ def test_missing_compiler_raises_before_converting(monkeypatch):
         model.to_atb(compile=True)
     assert getattr(model, "_atb_state", None) is None
     assert model.generation_config.cache_implementation is None
+
+
+def test_cpp_wrapper_option_compiles_every_graph_with_it_and_gives_stock_tokens(monkeypatch):
+    """compile_options reach the decode step (transformers' CompileConfig) and the speculative decoder's
+    compiled forwards; with inductor's C++ wrapper the tokens stay stock's."""
+    compiled_options = []
+    real_compile = torch.compile
+
+    def recording_compile(*args, **kwargs):
+        compiled_options.append(kwargs.get("options"))
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    stock = _stock()
+    inputs = _left_padded_batch()
+    expected = _greedy(stock, inputs)
+    before = stock.generation_config.compile_config
+    model = stock.to_atb(compile=True, compile_options={"cpp_wrapper": True})
+    config = model.generation_config.compile_config
+    assert config.options == {"cpp_wrapper": True} and config.mode is None  # torch takes one of the two
+    torch.testing.assert_close(_greedy(model, inputs), expected, rtol=0, atol=0)
+    assert len(compiled_options) == 3  # the decode step, the single-token and the wide verify forwards
+    assert all(options == {"cpp_wrapper": True} for options in compiled_options)
+    optimum_atb.revert(model)
+    assert model.generation_config.compile_config == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"compile_options": {"cpp_wrapper": True}}, "compile=True"),
+        ({"compile": True, "compile_options": ["cpp_wrapper"]}, "dict of inductor option names"),
+        ({"compile": True, "compile_options": {"cpp_wraper": True}}, "unknown inductor option.*cpp_wraper"),
+    ],
+)
+def test_bad_compile_options_raise_before_converting(kwargs, match):
+    model = _stock()
+    with pytest.raises(CompileOptionsError, match=match):
+        model.to_atb(quantize="int8", **kwargs)
+    assert getattr(model, "_atb_state", None) is None
+    assert model.generation_config.cache_implementation is None
+    assert all(
+        isinstance(m, torch.nn.Linear) for m in (model.model.layers[0].self_attn.q_proj, model.lm_head)
+    )
 
 
 def test_speculative_verify_of_a_compiled_model_runs_compiled_and_gives_stock_tokens():
