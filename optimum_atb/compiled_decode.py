@@ -69,8 +69,9 @@ def enable(model: nn.Module, options: dict | None = None) -> dict:
         "cache_implementation": getattr(config, "cache_implementation", None),
         "compile_config": getattr(config, "compile_config", None),
     }
+    options = dict(options) if options else None  # a copy: the caller's dict may change later
     if options:  # torch.compile takes a mode or options, not both (the default mode only matters on CUDA)
-        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode=None, options=dict(options))
+        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode=None, options=options)
     else:
         compile_config = CompileConfig(fullgraph=False, dynamic=False)
     compile_config._compile_all_devices = True
@@ -79,7 +80,7 @@ def enable(model: nn.Module, options: dict | None = None) -> dict:
     from .speculative.static_slots import attach_compiled
 
     attach_compiled(model, options)  # the speculative decoder's verify forwards (docs/speculative.md)
-    slower = " and longer with cpp_wrapper" if (options or {}).get("cpp_wrapper") else ""
+    slower = " and longer with cpp_wrapper" if options and options.get("cpp_wrapper") else ""
     logger.warning(
         "optimum-atb: generate() now decodes with a compiled step; the first call for a new batch size "
         "or a longer cache compiles it (about 20-30 s for a 135M model on a 2-core CPU once inductor's "
