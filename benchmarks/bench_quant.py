@@ -43,12 +43,13 @@ from harness import (  # noqa: E402
 
 # "int8" / "int4": quantize(bits=8) (per channel) / quantize(bits=4) (groups of 32, the default);
 # "-gN": one scale per group of N input features (int4 groups of 64 measure the default's choice; 128 does
-# not divide SmolLM2's 576 input features); "+compile-cpp": compiled with compile_options={"cpp_wrapper": True}
+# not divide SmolLM2's 576 input features); "+compile-py": compiled with compile_options={"cpp_wrapper": False}
+# (inductor's Python wrapper instead of the CPU default, its C++ one)
 CONFIGS = (
     "stock-fp32", "stock-bf16", "int8", "int8-g32", "int4", "int4-g64", "gguf-q4_1",
-    "int8+compile", "int4+compile", "int4+compile-cpp", "int4-g64+compile", "gguf-q4_1+compile",
+    "int8+compile", "int4+compile", "int4+compile-py", "int4-g64+compile", "gguf-q4_1+compile",
 )  # fmt: skip
-COMPILE_SUFFIXES = {"+compile": None, "+compile-cpp": {"cpp_wrapper": True}}  # suffix: compile_options
+COMPILE_SUFFIXES = {"+compile": None, "+compile-py": {"cpp_wrapper": False}}  # suffix: compile_options
 
 PROMPT_LEN = 64  # tokens per row
 KINDS = ("stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1")
@@ -57,7 +58,7 @@ KINDS = ("stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1")
 def parse_config(config: str) -> tuple[str, int | None, bool, dict | None] | None:
     """(kind of KINDS, group size or None, compiled, compile options) of a configuration name, None for an
     unknown one: int8/int4 take an optional "-gN" group size, every kind but stock a "+compile" or
-    "+compile-cpp"."""
+    "+compile-py"."""
     name, suffix, options = config, "", None
     for candidate, candidate_options in COMPILE_SUFFIXES.items():
         if config.endswith(candidate):
@@ -97,7 +98,7 @@ def peak_rss_mib() -> float:
 
 def build(config: str):
     """`config` is a name of CONFIGS: "+compile" means ``to_atb(compile=True)`` (fused modules and a
-    compiled decode step; "+compile-cpp" with inductor's C++ wrapper); without it the quantized layers run
+    compiled decode step; "+compile-py" with inductor's Python wrapper); without it the quantized layers run
     in the stock modules, eagerly."""
     import optimum_atb
 

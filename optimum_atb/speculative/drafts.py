@@ -150,7 +150,7 @@ class NgramDraft:
         pass
 
 
-def compile_draft(model):
+def compile_draft(model, compile_options: dict | None = None):
     """Make `model`, used as ``assistant_model``, draft through compiled static-shape steps and return it.
 
     The draft's forwards then run through ``torch.compile`` on a static cache (:mod:`.static_slots`): on
@@ -158,31 +158,46 @@ def compile_draft(model):
     ``generate`` per batch size compiles two graphs (30-50 s each for SmolLM2-135M on a 2-core CPU); their
     time is not counted as draft cost by the adaptive draft length. Give it a model
     converted with ``to_atb()`` (its single-query attention avoids SDPA's slow CPU path in half precision).
-    Raises :class:`~optimum_atb.BackendUnavailableError` when no C++ compiler is installed (CPU).
+    ``compile_options`` are inductor's options for these graphs, as in ``to_atb(compile_options=...)`` (on a
+    CPU they update ``compiled_decode.CPU_DEFAULT_OPTIONS``); given, they replace the ones a draft copied
+    from a compiled target carries.
+    Raises :class:`~optimum_atb.BackendUnavailableError` when no C++ compiler is installed (CPU) and
+    :class:`~optimum_atb.CompileOptionsError` for options inductor does not know.
     """
-    from ..compiled_decode import check_compiler
+    from ..compiled_decode import check_compiler, check_options, resolve_options
 
-    check_compiler(next(model.parameters()).device)
-    attach_compiled(model)
+    check_options(compile_options, compile=True)
+    device = next(model.parameters()).device
+    check_compiler(device)
+    if compile_options is not None:
+        model.__dict__.pop(COMPILED_ATTR, None)
+    attach_compiled(model, resolve_options(compile_options, device))  # keeps a copied one when none given
     return model
 
 
 def draft_from(
-    model, quantize: str = "int4", group_size: int = 32, include_lm_head: bool = True, compile: bool = False
+    model,
+    quantize: str = "int4",
+    group_size: int = 32,
+    include_lm_head: bool = True,
+    compile: bool = False,
+    compile_options: dict | None = None,
 ):
     """A weight-quantized copy of `model` to use as its own draft: ``generate(assistant_model=draft)``.
 
     ``quantize`` is ``"int4"`` or ``"int8"``; the output projection is quantized too by default (a
     draft trades a little acceptance for speed). ``compile``: the copy is converted with ``to_atb()``
-    (when `model` is not) and drafts through compiled steps (:func:`compile_draft`). `model` itself is
-    left untouched.
+    (when `model` is not) and drafts through compiled steps (:func:`compile_draft`), with inductor's
+    ``compile_options`` (by default those of a target converted with ``to_atb(compile=True,
+    compile_options=...)``, else inductor's defaults). `model` itself is left untouched.
     """
     bits = {"int4": 4, "int8": 8}.get(quantize)
     if bits is None:
         raise ValueError(f"quantize must be 'int4' or 'int8', got {quantize!r}")
-    if compile:
-        from ..compiled_decode import check_compiler
+    from ..compiled_decode import check_compiler, check_options
 
+    check_options(compile_options, compile)
+    if compile:
         check_compiler(next(model.parameters()).device)
     from ..convert import to_atb
     from ..quantization import quantize as quantize_model
@@ -196,4 +211,4 @@ def draft_from(
     draft = (quantized if quantized is not None else draft).eval()
     if not compile:
         draft.__dict__.pop(COMPILED_ATTR, None)  # copied from a target converted with compile=True
-    return compile_draft(draft) if compile else draft
+    return compile_draft(draft, compile_options) if compile else draft

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import optimum_atb
-from optimum_atb import BackendUnavailableError, CompileOptionsError
+from optimum_atb import BackendUnavailableError, CompileOptionsError, compiled_decode
 
 pytestmark = pytest.mark.slow  # each test compiles a decode step (10-30 s on 2 cores)
 
@@ -104,6 +104,24 @@ def test_cpp_wrapper_option_compiles_every_graph_with_it_and_gives_stock_tokens(
     assert all(options == {"cpp_wrapper": True} for options in compiled_options)
     optimum_atb.revert(model)
     assert model.generation_config.compile_config == before
+
+
+def test_compile_options_update_the_cpu_defaults_and_reach_every_graph():
+    """On a CPU the C++ wrapper is on unless compile_options turn it off; other devices get the options as
+    given (nothing compiles here)."""
+    model = _stock().to_atb(compile=True)
+    assert model.generation_config.compile_config.options == {"cpp_wrapper": True}
+    assert model._atb_compiled_forward.options == {"cpp_wrapper": True}
+    options = {"cpp_wrapper": False, "size_asserts": False}
+    other = _stock().to_atb(compile=True, compile_options=options)
+    assert other.generation_config.compile_config.options == options
+    assert other._atb_compiled_forward.options == options
+    assert compiled_decode.resolve_options({"size_asserts": False}, torch.device("cpu")) == {
+        "cpp_wrapper": True,
+        "size_asserts": False,
+    }
+    assert compiled_decode.resolve_options(None, torch.device("cuda")) is None
+    assert compiled_decode.resolve_options(options, torch.device("cuda")) == options
 
 
 @pytest.mark.parametrize(

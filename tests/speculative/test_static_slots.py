@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import optimum_atb
 from optimum_atb.speculative import attach, compile_draft, drafts
 from optimum_atb.speculative.slots import SlotCache
 from optimum_atb.speculative.static_slots import StaticSlotCache, attach_compiled, compiled_forward
@@ -93,6 +94,40 @@ def test_compile_draft_is_carried_by_deepcopy_to_the_copy():
     copied = copy.deepcopy(model)
     assert copied._atb_compiled_forward.model is copied
     assert model._atb_compiled_forward.model is model
+
+
+def test_compile_options_of_a_draft_replace_the_ones_it_was_copied_with():
+    target = tiny_llama(VOCAB).to_atb(compile=True, compile_options={"cpp_wrapper": False})
+    inherited = optimum_atb.draft_from(target, compile=True)
+    assert inherited._atb_compiled_forward.options == {"cpp_wrapper": False}
+    assert inherited._atb_compiled_forward.model is inherited
+    options = {"size_asserts": False}
+    own = optimum_atb.draft_from(target, compile=True, compile_options=options)
+    options["size_asserts"] = True  # the draft keeps a copy
+    # on a CPU the given options update the defaults (the C++ wrapper)
+    assert own._atb_compiled_forward.options == {"cpp_wrapper": True, "size_asserts": False}
+    assert compile_draft(tiny_llama(VOCAB))._atb_compiled_forward.options == {"cpp_wrapper": True}
+    kept = compile_draft(own)._atb_compiled_forward.options  # none given: the draft's own are kept
+    assert kept == {"cpp_wrapper": True, "size_asserts": False}
+    assert target._atb_compiled_forward.options == {"cpp_wrapper": False}  # the target is untouched
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda m: optimum_atb.draft_from(m, compile_options={"cpp_wrapper": True}), "compile=True"),
+        (
+            lambda m: optimum_atb.draft_from(m, compile=True, compile_options={"cpp_wraper": True}),
+            "cpp_wraper",
+        ),
+        (lambda m: compile_draft(m, ["cpp_wrapper"]), "dict of inductor option names"),
+    ],
+)
+def test_bad_draft_compile_options_raise_before_anything_is_compiled(make, match):
+    model = tiny_llama(VOCAB)
+    with pytest.raises(optimum_atb.CompileOptionsError, match=match):
+        make(model)
+    assert compiled_forward(model) is None
 
 
 @pytest.mark.slow  # compiles two draft graphs (about 10 s on 2 cores)
