@@ -188,8 +188,9 @@ def draft_from(
     ``quantize`` is ``"int4"`` or ``"int8"``; the output projection is quantized too by default (a
     draft trades a little acceptance for speed). ``compile``: the copy is converted with ``to_atb()``
     (when `model` is not) and drafts through compiled steps (:func:`compile_draft`), with inductor's
-    ``compile_options`` (by default those of a target converted with ``to_atb(compile=True,
-    compile_options=...)``, else inductor's defaults). `model` itself is left untouched.
+    ``compile_options`` (by default those of a target converted with ``to_atb(compile=True)``, else
+    :func:`~optimum_atb.compiled_decode.resolve_options`'s: on a CPU the C++ wrapper). `model` itself is
+    left untouched.
     """
     bits = {"int4": 4, "int8": 8}.get(quantize)
     if bits is None:
