@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--compile",
         action="store_true",
-        help="to_atb(compile=True): decode through a compiled step (compiles first, ~20-30 s on a small CPU)",
+        help="to_atb(compile=True): decode through a compiled step (compiles first: ~20-30 s on a small CPU, "
+        "about two minutes with an empty inductor cache)",
     )
 
     bench = sub.add_parser("bench", help="the benchmark matrix (source checkout only)")
