@@ -12,10 +12,11 @@ SmolLM2-135M on a 2-core CPU once inductor's cache holds the kernels, about two 
 one. A cache passed explicitly (``PagedCache``, ``DynamicCache``) runs eagerly.
 
 ``compile_options`` are inductor's options (``torch.compile(options=...)``, ``torch._inductor.list_options()``)
-for these graphs and the speculative decoder's. On a CPU they update ``CPU_DEFAULT_OPTIONS``: inductor's C++
-wrapper (``cpp_wrapper``) replaces the Python code that calls each graph's kernels with compiled C++. That
-code is a visible share of a small model's decode step there; the first compile takes about twice as long
-(docs/results-cpu.md). ``compile_options={"cpp_wrapper": False}`` turns it off.
+for these graphs and the speculative decoder's. On a CPU the decode step's update ``CPU_DEFAULT_OPTIONS``:
+inductor's C++ wrapper (``cpp_wrapper``) replaces the Python code that calls the step's kernels with compiled
+C++. That code is a visible share of a small model's decode step there; the first compile takes about twice
+as long (docs/results-cpu.md). ``compile_options={"cpp_wrapper": False}`` turns it off. The speculative
+decoder's graphs take `compile_options` as given (no gain measured there, a first compile three times as long).
 """
 
 from __future__ import annotations
@@ -63,16 +64,18 @@ def check_options(options: dict | None, compile: bool) -> None:
         )
 
 
-# Inductor options for a CPU model's graphs unless ``compile_options`` say otherwise: the C++ wrapper. SmolLM2
-# int4+compile on the second Xeon, with it against without: +6% and +7% tokens/s alternated in one process,
-# +4% to +15% at batch 1 in bench_quant's interleaved runs (sessions 17-18, docs/results-cpu.md); int8+compile
-# within noise; the first compile with an empty inductor cache 129 against 68 s.
+# Inductor options for a CPU model's decode step unless ``compile_options`` say otherwise: the C++ wrapper.
+# SmolLM2 int4+compile on the second Xeon, with it against without: +3%, +6% and +7% tokens/s alternated in one
+# process, +4% to +15% at batch 1 in bench_quant's interleaved runs (sessions 17-18, docs/results-cpu.md);
+# int8+compile within noise; the first compile with an empty inductor cache 129 against 68 s. Not for the
+# speculative decoder's graphs: there 41.5 against 43.5 tokens/s (noise) and a first compile of 477 against 150 s.
 CPU_DEFAULT_OPTIONS = {"cpp_wrapper": True}
 
 
-def resolve_options(options: dict | None, device: torch.device) -> dict | None:
-    """The inductor options to compile a model on `device` with: on a CPU ``CPU_DEFAULT_OPTIONS`` updated
-    with `options`, elsewhere `options` (None: inductor's defaults). Always a new dict: the caller's may change."""
+def decode_options(options: dict | None, device: torch.device) -> dict | None:
+    """The inductor options of the compiled decode step of a model on `device`: on a CPU
+    ``CPU_DEFAULT_OPTIONS`` updated with `options`, elsewhere `options` (None: inductor's defaults). Always a
+    new dict: the caller's may change."""
     if device.type == "cpu":
         return {**CPU_DEFAULT_OPTIONS, **(options or {})}
     return dict(options) if options else None
@@ -80,15 +83,17 @@ def resolve_options(options: dict | None, device: torch.device) -> dict | None:
 
 def enable(model: nn.Module, options: dict | None = None) -> dict:
     """Make ``model.generate`` decode through a compiled static-shape step, with inductor `options`
-    (:func:`resolve_options`); returns what to restore."""
+    (:func:`decode_options`; the speculative decoder's graphs take them as given); returns what to restore."""
     config = model.generation_config
     saved = {
         "cache_implementation": getattr(config, "cache_implementation", None),
         "compile_config": getattr(config, "compile_config", None),
     }
-    options = resolve_options(options, next(model.parameters()).device)
-    if options:  # torch.compile takes a mode or options, not both (the default mode only matters on CUDA)
-        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode=None, options=options)
+    step_options = decode_options(options, next(model.parameters()).device)
+    if (
+        step_options
+    ):  # torch.compile takes a mode or options, not both (the default mode only matters on CUDA)
+        compile_config = CompileConfig(fullgraph=False, dynamic=False, mode=None, options=step_options)
     else:
         compile_config = CompileConfig(fullgraph=False, dynamic=False)
     compile_config._compile_all_devices = True
@@ -96,8 +101,8 @@ def enable(model: nn.Module, options: dict | None = None) -> dict:
     config.cache_implementation = "static"
     from .speculative.static_slots import attach_compiled
 
-    attach_compiled(model, options)  # the speculative decoder's verify forwards (docs/speculative.md)
-    first = "about two minutes" if options and options.get("cpp_wrapper") else "about a minute"
+    attach_compiled(model, dict(options) if options else None)  # the speculative decoder's verify forwards
+    first = "about two minutes" if step_options and step_options.get("cpp_wrapper") else "about a minute"
     logger.warning(
         "optimum-atb: generate() now decodes with a compiled step; the first call for a new batch size "
         "or a longer cache compiles it (about 20-30 s for a 135M model on a 2-core CPU once inductor's "

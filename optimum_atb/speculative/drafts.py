@@ -158,20 +158,20 @@ def compile_draft(model, compile_options: dict | None = None):
     ``generate`` per batch size compiles two graphs (30-50 s each for SmolLM2-135M on a 2-core CPU); their
     time is not counted as draft cost by the adaptive draft length. Give it a model
     converted with ``to_atb()`` (its single-query attention avoids SDPA's slow CPU path in half precision).
-    ``compile_options`` are inductor's options for these graphs, as in ``to_atb(compile_options=...)`` (on a
-    CPU they update ``compiled_decode.CPU_DEFAULT_OPTIONS``); given, they replace the ones a draft copied
-    from a compiled target carries.
+    ``compile_options`` are inductor's options for these graphs (as given; None: inductor's defaults); given,
+    they replace the ones a draft copied from a compiled target carries.
     Raises :class:`~optimum_atb.BackendUnavailableError` when no C++ compiler is installed (CPU) and
     :class:`~optimum_atb.CompileOptionsError` for options inductor does not know.
     """
-    from ..compiled_decode import check_compiler, check_options, resolve_options
+    from ..compiled_decode import check_compiler, check_options
 
     check_options(compile_options, compile=True)
-    device = next(model.parameters()).device
-    check_compiler(device)
+    check_compiler(next(model.parameters()).device)
     if compile_options is not None:
         model.__dict__.pop(COMPILED_ATTR, None)
-    attach_compiled(model, resolve_options(compile_options, device))  # keeps a copied one when none given
+    attach_compiled(
+        model, dict(compile_options) if compile_options else None
+    )  # keeps a copied one if none given
     return model
 
 
@@ -188,9 +188,8 @@ def draft_from(
     ``quantize`` is ``"int4"`` or ``"int8"``; the output projection is quantized too by default (a
     draft trades a little acceptance for speed). ``compile``: the copy is converted with ``to_atb()``
     (when `model` is not) and drafts through compiled steps (:func:`compile_draft`), with inductor's
-    ``compile_options`` (by default those of a target converted with ``to_atb(compile=True)``, else
-    :func:`~optimum_atb.compiled_decode.resolve_options`'s: on a CPU the C++ wrapper). `model` itself is
-    left untouched.
+    ``compile_options`` (by default those of a target converted with ``to_atb(compile=True,
+    compile_options=...)``, else inductor's defaults). `model` itself is left untouched.
     """
     bits = {"int4": 4, "int8": 8}.get(quantize)
     if bits is None:

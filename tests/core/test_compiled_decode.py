@@ -106,22 +106,24 @@ def test_cpp_wrapper_option_compiles_every_graph_with_it_and_gives_stock_tokens(
     assert model.generation_config.compile_config == before
 
 
-def test_compile_options_update_the_cpu_defaults_and_reach_every_graph():
-    """On a CPU the C++ wrapper is on unless compile_options turn it off; other devices get the options as
-    given (nothing compiles here)."""
+def test_compile_options_update_the_cpu_default_of_the_decode_step():
+    """On a CPU the decode step has the C++ wrapper unless compile_options turn it off; the speculative
+    decoder's graphs and other devices get the options as given (nothing compiles here)."""
     model = _stock().to_atb(compile=True)
     assert model.generation_config.compile_config.options == {"cpp_wrapper": True}
-    assert model._atb_compiled_forward.options == {"cpp_wrapper": True}
+    assert model._atb_compiled_forward.options is None  # inductor's defaults
     options = {"cpp_wrapper": False, "size_asserts": False}
     other = _stock().to_atb(compile=True, compile_options=options)
     assert other.generation_config.compile_config.options == options
     assert other._atb_compiled_forward.options == options
-    assert compiled_decode.resolve_options({"size_asserts": False}, torch.device("cpu")) == {
+    only_asserts = _stock().to_atb(compile=True, compile_options={"size_asserts": False})
+    assert only_asserts.generation_config.compile_config.options == {
         "cpp_wrapper": True,
         "size_asserts": False,
     }
-    assert compiled_decode.resolve_options(None, torch.device("cuda")) is None
-    assert compiled_decode.resolve_options(options, torch.device("cuda")) == options
+    assert only_asserts._atb_compiled_forward.options == {"size_asserts": False}
+    assert compiled_decode.decode_options(None, torch.device("cuda")) is None
+    assert compiled_decode.decode_options(options, torch.device("cuda")) == options
 
 
 @pytest.mark.parametrize(

@@ -97,19 +97,17 @@ def test_compile_draft_is_carried_by_deepcopy_to_the_copy():
 
 
 def test_compile_options_of_a_draft_replace_the_ones_it_was_copied_with():
-    target = tiny_llama(VOCAB).to_atb(compile=True, compile_options={"cpp_wrapper": False})
+    target = tiny_llama(VOCAB).to_atb(compile=True, compile_options={"cpp_wrapper": True})
     inherited = optimum_atb.draft_from(target, compile=True)
-    assert inherited._atb_compiled_forward.options == {"cpp_wrapper": False}
+    assert inherited._atb_compiled_forward.options == {"cpp_wrapper": True}
     assert inherited._atb_compiled_forward.model is inherited
     options = {"size_asserts": False}
     own = optimum_atb.draft_from(target, compile=True, compile_options=options)
     options["size_asserts"] = True  # the draft keeps a copy
-    # on a CPU the given options update the defaults (the C++ wrapper)
-    assert own._atb_compiled_forward.options == {"cpp_wrapper": True, "size_asserts": False}
-    assert compile_draft(tiny_llama(VOCAB))._atb_compiled_forward.options == {"cpp_wrapper": True}
-    kept = compile_draft(own)._atb_compiled_forward.options  # none given: the draft's own are kept
-    assert kept == {"cpp_wrapper": True, "size_asserts": False}
-    assert target._atb_compiled_forward.options == {"cpp_wrapper": False}  # the target is untouched
+    assert own._atb_compiled_forward.options == {"size_asserts": False}
+    assert compile_draft(tiny_llama(VOCAB))._atb_compiled_forward.options is None  # inductor's defaults
+    assert compile_draft(own)._atb_compiled_forward.options == {"size_asserts": False}  # none given: kept
+    assert target._atb_compiled_forward.options == {"cpp_wrapper": True}  # the target is untouched
 
 
 @pytest.mark.parametrize(
