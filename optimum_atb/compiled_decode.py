@@ -12,11 +12,12 @@ SmolLM2-135M on a 2-core CPU once inductor's cache holds the kernels, about two 
 one. A cache passed explicitly (``PagedCache``, ``DynamicCache``) runs eagerly.
 
 ``compile_options`` are inductor's options (``torch.compile(options=...)``, ``torch._inductor.list_options()``)
-for these graphs and the speculative decoder's. On a CPU the decode step's update ``CPU_DEFAULT_OPTIONS``:
-inductor's C++ wrapper (``cpp_wrapper``) replaces the Python code that calls the step's kernels with compiled
-C++. That code is a visible share of a small model's decode step there; the first compile takes about twice
-as long (docs/results-cpu.md). ``compile_options={"cpp_wrapper": False}`` turns it off. The speculative
-decoder's graphs take `compile_options` as given (no gain measured there, a first compile three times as long).
+for these graphs and the speculative decoder's. On a CPU the decode step's options update
+``CPU_DEFAULT_OPTIONS``: inductor's C++ wrapper (``cpp_wrapper``) replaces the Python code that calls the
+step's kernels with compiled C++. That code is a visible share of a small model's decode step there; the
+first compile takes about twice as long (docs/results-cpu.md). ``compile_options={"cpp_wrapper": False}``
+turns it off. The speculative decoder's graphs take ``compile_options`` as given (no gain measured there, a
+first compile three times as long).
 """
 
 from __future__ import annotations
@@ -90,9 +91,8 @@ def enable(model: nn.Module, options: dict | None = None) -> dict:
         "compile_config": getattr(config, "compile_config", None),
     }
     step_options = decode_options(options, next(model.parameters()).device)
-    if (
-        step_options
-    ):  # torch.compile takes a mode or options, not both (the default mode only matters on CUDA)
+    # torch.compile takes a mode or options, not both (the default mode only matters on CUDA)
+    if step_options:
         compile_config = CompileConfig(fullgraph=False, dynamic=False, mode=None, options=step_options)
     else:
         compile_config = CompileConfig(fullgraph=False, dynamic=False)
