@@ -101,7 +101,7 @@ def enable(model: nn.Module, options: dict | None = None) -> dict:
     config.cache_implementation = "static"
     from .speculative.static_slots import attach_compiled
 
-    attach_compiled(model, dict(options) if options else None)  # the speculative decoder's verify forwards
+    attach_compiled(model, options)  # the speculative decoder's verify forwards (docs/speculative.md)
     first = "about two minutes" if step_options and step_options.get("cpp_wrapper") else "about a minute"
     logger.warning(
         "optimum-atb: generate() now decodes with a compiled step; the first call for a new batch size "

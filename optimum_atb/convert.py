@@ -215,7 +215,8 @@ def to_atb(
     as quantized layers, one matmul each); ``include_lm_head`` (None: quantize()'s default, True) quantizes the output
     projection too, always to int8 (docs/quantization.md). ``compile``: decode through a compiled
     static-shape step (:mod:`optimum_atb.compiled_decode`; the first ``generate`` per batch size compiles
-    it), with inductor's ``compile_options`` (e.g. ``{"cpp_wrapper": True}``). A second call is a no-op.
+    it), with inductor's ``compile_options`` (on a CPU the step defaults to ``{"cpp_wrapper": True}``:
+    :func:`~optimum_atb.compiled_decode.decode_options`). A second call is a no-op.
     Raises :class:`UnsupportedModelError` for other architectures, before changing anything.
     """
     if getattr(model, "_atb_state", None) is not None:

@@ -167,11 +167,9 @@ def compile_draft(model, compile_options: dict | None = None):
 
     check_options(compile_options, compile=True)
     check_compiler(next(model.parameters()).device)
-    if compile_options is not None:
+    if compile_options is not None:  # else a forward copied from a compiled target is kept
         model.__dict__.pop(COMPILED_ATTR, None)
-    attach_compiled(
-        model, dict(compile_options) if compile_options else None
-    )  # keeps a copied one if none given
+    attach_compiled(model, compile_options)
     return model
 
 

@@ -178,8 +178,8 @@ def attach_compiled(model, options: dict | None = None) -> None:
             RECOMPILE_LIMIT,
         )
         config.recompile_limit = RECOMPILE_LIMIT
-    if COMPILED_ATTR not in model.__dict__:
-        model.__dict__[COMPILED_ATTR] = CompiledForward(model, options)
+    if COMPILED_ATTR not in model.__dict__:  # a copy of `options`: the caller's dict may change later
+        model.__dict__[COMPILED_ATTR] = CompiledForward(model, dict(options) if options else None)
 
 
 def compiled_forward(model) -> CompiledForward | None:
