@@ -15,9 +15,11 @@ one vectorised loop that reads the int8 weight faster than the packed kernel doe
 loop inductor writes is about 3x slower than the packed kernel, which stays (``INT8_ROW_REDUCE``,
 docs/results-cpu.md). Same weight; the activations of an fp32 model are then not rounded to bf16.
 
-Many rows (a prefill) are slow in the packed kernels: there per-channel int8 and int4 compute with the
-exact weight in float32 and float32 activations through fp32 GEMM instead (``INT8_DEQUANT_ROWS``,
-``INT4_DEQUANT_ROWS``).
+Many rows (a prefill) are slow in the packed kernels. From ``INT8_BF16_ROWS`` rows per-channel int8 runs as
+a bf16 GEMM on its codes (exact in bf16) with the scale after: the packed kernel's numerics (bf16
+activations, one bf16 rounding of each output) at a bf16 GEMM's speed. From ``INT8_DEQUANT_ROWS`` /
+``INT4_DEQUANT_ROWS`` rows per-channel int8 and int4 compute with the exact weight in float32 and float32
+activations through fp32 GEMM instead.
 """
 
 from __future__ import annotations
@@ -42,13 +44,20 @@ INT8_ROW_REDUCE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 # Xeon, the settings alternated in one process (medians of 4 generates): 55.0 / 51.5 tokens/s with one
 # part, 65.8 / 63.2 with two, 66.1 with four. docs/results-cpu.md.
 ROW_REDUCE_SPLIT = 2
-# From these many rows (a prefill) the packed kernels, whose time grows with the rows faster than a GEMM's,
-# give way to the exact weight in float32 and fp32 `F.linear` with float32 activations: per-channel int8 as
-# ``F.linear(x, q.float()) * s``; int4 dequantized group by group. Per 1536 x 576 weight on the second Xeon:
-# int8 584 against 753 us at 32 rows, 1,006 against 1,327 at 64, 4,059 against 9,563 at 512 (443 against
-# 431 at 16); int4 1,775 against 2,179 at 128, 5,825 against 9,748 at 512 (1,483 against 1,089 at 64).
-# docs/quantization.md.
-INT8_DEQUANT_ROWS = 32
+# From these many rows the packed int8 kernel, whose time grows with the rows faster than a GEMM's, gives way
+# to ``F.linear(x.bf16(), q.bf16()).float() * s``: the same bf16 activations and one bf16 rounding of each
+# output, through oneDNN's bf16 GEMM. The four int8 matmuls of a SmolLM2 layer on the second Xeon (session
+# 19): 599 against 727 us at 16 rows, 851 against 2,717 at 64 (the float32 route below: 2,020).
+INT8_BF16_ROWS = 16
+# From these many rows (a long prefill, a perplexity evaluation) per-channel int8 and int4 use the exact
+# weight in float32 and fp32 `F.linear` with float32 activations: closer to the float model than bf16
+# activations (teacher-forced int8 perplexity on tests/data with the bf16 GEMM above at every row count:
+# +1.08%, over the +1% bound, against +0.26% this way and -0.42% with the packed kernel; mean KL 0.0201,
+# 0.0193 and 0.0212: the bf16 GEMM is no worse than the packed kernel, both are worse than float32).
+# int8 as ``F.linear(x, q.float()) * s``; int4 dequantized group by group. Per 1536 x 576 weight on the
+# second Xeon: int8 4,059 against 9,563 us (packed) at 512 rows; int4 1,775 against 2,179 at 128, 5,825
+# against 9,748 at 512 (1,483 against 1,089 at 64). docs/quantization.md.
+INT8_DEQUANT_ROWS = 128
 INT4_DEQUANT_ROWS = 128
 # Output channels taken to float32 at a time on that route: bounds the copy of a large weight (an output
 # projection of 128k x 4,096 would be 2 GiB in float32) to this many rows.
@@ -182,6 +191,10 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
     elif state["kind"] == "int8" and flat.shape[0] >= INT8_DEQUANT_ROWS:
         weight = state["weight"]
         y = _linear_by_chunks(flat.float(), weight.shape[0], lambda a, b: weight[a:b].float(), state["scale"])
+    elif state["kind"] == "int8" and flat.shape[0] >= INT8_BF16_ROWS:
+        weight, scale = state["weight"], state["scale"].float()  # a bf16 output times a float32 scale
+        rows = flat.to(_KERNEL_DTYPE)
+        y = _linear_by_chunks(rows, weight.shape[0], lambda a, b: weight[a:b].to(_KERNEL_DTYPE), scale)
     elif state["kind"] == "int4" and flat.shape[0] >= INT4_DEQUANT_ROWS:
         y = _int4_linear_fp32(flat, state["by_group"])
     else:

@@ -223,6 +223,32 @@ def test_torch_many_rows_multiply_the_exact_weight_in_float32(
     assert _rel_err(y, _reference(layer, x)) < tol
 
 
+@pytest.mark.parametrize("rows", [7, 8, 20, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [8192, 32], ids=["one-chunk", "3-chunks"])
+def test_torch_int8_mid_rows_run_a_bf16_gemm_on_the_codes(rows, dtype, chunk, monkeypatch):
+    """From `INT8_BF16_ROWS` up to `INT8_DEQUANT_ROWS` rows per-channel int8 multiplies bf16 activations with
+    its codes (exact in bf16) through a bf16 GEMM and scales after: the float64 product of the bf16-rounded
+    activations within one bf16 rounding of the output and of the scale. Fewer rows keep the packed kernel,
+    more take the float32 route."""
+    monkeypatch.setattr(quant_torch, "INT8_BF16_ROWS", 8)
+    monkeypatch.setattr(quant_torch, "INT8_DEQUANT_ROWS", 32)
+    monkeypatch.setattr(quant_torch, "DEQUANT_CHUNK", chunk)
+    layer = _layer(8, None, k=192, n=80)
+    x = torch.randn(rows, 192).to(dtype)
+    y, ops = _recorded_call(layer, x)
+    assert y.dtype == dtype and y.shape == (rows, 80)
+    assert any("_weight_int8pack_mm" in op for op in ops) == (rows < 8)
+    exact = _rel_err(y, _reference(layer, x))
+    if rows >= 32:  # the float32 route
+        assert exact < (1e-5 if dtype == torch.float32 else 2**-7)
+    elif rows >= 8:
+        assert _rel_err(y, _reference(layer, x.bfloat16())) < 2**-7
+        assert dtype == torch.bfloat16 or exact > 1e-5  # the activations were rounded to bf16
+    else:
+        assert exact < BF16_TOL
+
+
 def test_torch_backend_falls_back_with_warning_for_odd_shapes():
     layer = QuantLinear.from_linear(torch.nn.Linear(40, 8), 8, None)  # in_features % 16 != 0
     x = torch.randn(3, 40)
