@@ -6,7 +6,9 @@ bf16.
 
 Every configuration runs in its own child process (peak RSS is per process), with the same allocator
 settings and thread count; results are ratios against stock measured in the same run. "decode" is
-`generate`'s tokens/s, prefill included; "prefill" is one forward over the 64-token prompts, prompt
+`generate`'s tokens/s, prefill included (the convention of the project's baselines); "decode steps" is
+what the same runs' decode steps alone produce, from the first new token to the last (prefill excluded,
+as llama.cpp's token-generation figure); "prefill" is one forward over the 64-token prompts, prompt
 tokens/s.
 
     python benchmarks/bench_quant.py --interleaved   # all configurations in one process, timed in turn
@@ -52,6 +54,9 @@ CONFIGS = (
 COMPILE_SUFFIXES = {"+compile": None, "+compile-py": {"cpp_wrapper": False}}  # suffix: compile_options
 
 PROMPT_LEN = 64  # tokens per row
+# what each configuration records per batch size: generate's tokens/s (prefill included), its decode steps'
+# own tokens/s, and the prefill's prompt tokens/s
+MEASURES = ("tokens_per_s", "decode_steps", "prefill")
 KINDS = ("stock-fp32", "stock-bf16", "int8", "int4", "gguf-q4_1")
 
 
@@ -124,12 +129,12 @@ def child(config: str, batches: list[int], new_tokens: int, repeats: int) -> Non
     """Measure one configuration; prints one JSON line."""
     setup()
     model, tok = build(config)
-    result = {"config": config, "weight_bytes": weight_bytes(model), "tokens_per_s": {}, "prefill": {}}
+    result = {"config": config, "weight_bytes": weight_bytes(model), **{key: {} for key in MEASURES}}
     for batch in batches:
         inputs = make_inputs(tok, batch, prompt_len=PROMPT_LEN)
-        result["tokens_per_s"][str(batch)] = time_generate(
-            model, inputs, new_tokens, repeats=repeats
-        ).tokens_per_s
+        timing = time_generate(model, inputs, new_tokens, repeats=repeats, stamp_steps=True)
+        result["tokens_per_s"][str(batch)] = timing.tokens_per_s
+        result["decode_steps"][str(batch)] = timing.decode_tokens_per_s
         result["prefill"][str(batch)] = time_prefill(model, inputs, repeats=repeats).tokens_per_s
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
@@ -154,23 +159,25 @@ def measure_interleaved(configs: list[str], batches: list[int], new_tokens: int,
         print(f"# loading {config}", file=sys.stderr, flush=True)
         models[config] = build(config)
     results = {
-        c: {"weight_bytes": weight_bytes(m), "tokens_per_s": {}, "prefill": {}}
-        for c, (m, _) in models.items()
+        c: {"weight_bytes": weight_bytes(m), **{key: {} for key in MEASURES}} for c, (m, _) in models.items()
     }
     for batch in batches:
         inputs = {c: make_inputs(tok, batch, prompt_len=PROMPT_LEN) for c, (_, tok) in models.items()}
-        runs = {c: {"tokens_per_s": [], "prefill": []} for c in configs}
+        runs = {c: {key: [] for key in MEASURES} for c in configs}
         for round_ in range(repeats + 1):
             for config in configs:
                 model = models[config][0]
-                decode = time_generate(model, inputs[config], new_tokens, repeats=1, warmup=0)
+                decode = time_generate(
+                    model, inputs[config], new_tokens, repeats=1, warmup=0, stamp_steps=True
+                )
                 prefill = time_prefill(model, inputs[config], repeats=1, warmup=0)
                 if round_:  # round 0 warms up (and compiles)
                     runs[config]["tokens_per_s"].append(decode.tokens_per_s)
+                    runs[config]["decode_steps"].append(decode.decode_tokens_per_s)
                     runs[config]["prefill"].append(prefill.tokens_per_s)
                     print(
-                        f"# b{batch} round {round_} {config}: {decode.tokens_per_s:.1f} tokens/s, "
-                        f"prefill {prefill.tokens_per_s:.0f} tokens/s",
+                        f"# b{batch} round {round_} {config}: {decode.tokens_per_s:.1f} tokens/s "
+                        f"(decode steps {decode.decode_tokens_per_s:.1f}), prefill {prefill.tokens_per_s:.0f} tokens/s",
                         file=sys.stderr,
                     )
         for config in configs:
@@ -188,10 +195,9 @@ def rows_of(results: dict[str, dict]) -> list[Row]:
         for config, r in results.items():
             if config.startswith("stock"):
                 continue
-            for batch, value in r["tokens_per_s"].items():
-                rows.append(
-                    Row("decode", f"{config} b{batch}", base, results[base]["tokens_per_s"][batch], value)
-                )
+            for key, name in (("tokens_per_s", "decode"), ("decode_steps", "decode steps")):
+                for batch, value in r[key].items():
+                    rows.append(Row(name, f"{config} b{batch}", base, results[base][key][batch], value))
             for batch, value in r["prefill"].items():
                 label = f"{config} b{batch}, prompt {PROMPT_LEN}"
                 rows.append(Row("prefill", label, base, results[base]["prefill"][batch], value))

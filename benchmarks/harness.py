@@ -98,15 +98,22 @@ def make_inputs(tokenizer, batch: int, prompt_len: int | None = None, kind: str 
 
 @dataclass
 class Timing:
-    """Median wall time of `repeats` timed runs (after one warm-up) and the tokens each run produced."""
+    """Median wall time of `repeats` timed runs (after one warm-up) and the tokens each run produced;
+    with `step_rates`, each run's tokens/s from its first new token to its last (prefill excluded)."""
 
     seconds: float
     new_tokens: int
     runs: list[float] = field(default_factory=list)
+    step_rates: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Median of `step_rates`: what the decode steps alone produce."""
+        return statistics.median(self.step_rates)
 
 
 def time_call(fn: Callable[[], int], repeats: int = 3, warmup: int = 1) -> Timing:
@@ -121,23 +128,55 @@ def time_call(fn: Callable[[], int], repeats: int = 3, warmup: int = 1) -> Timin
     return Timing(statistics.median(runs), tokens, runs)
 
 
+class _StepClock:
+    """A stopping criterion that never stops: it stamps the time each new token is decided."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def time_generate(
-    model, inputs: dict, max_new_tokens: int, repeats: int = 3, warmup: int = 1, **gen_kwargs
+    model,
+    inputs: dict,
+    max_new_tokens: int,
+    repeats: int = 3,
+    warmup: int = 1,
+    stamp_steps: bool = False,
+    **gen_kwargs,
 ) -> Timing:
-    """Greedy `generate` with EOS disabled; tokens/s counts every new token of every row, prefill included."""
+    """Greedy `generate` with EOS disabled; tokens/s counts every new token of every row, prefill included.
+    With `stamp_steps` each step is also stamped (a stopping criterion, as in :func:`decode_rate`) and the
+    timing carries the decode steps' own tokens/s, from the same runs."""
+    from transformers import StoppingCriteriaList
+
+    clocks: list[_StepClock] = []
 
     def once() -> int:
+        extra = {}
+        if stamp_steps:
+            clocks.append(_StepClock())
+            extra["stopping_criteria"] = StoppingCriteriaList([clocks[-1]])
         with torch.inference_mode():
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=max_new_tokens,
                 do_sample=False,
+                **extra,
                 **gen_kwargs,
             )
         return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
 
-    return time_call(once, repeats=repeats, warmup=warmup)
+    timing = time_call(once, repeats=repeats, warmup=warmup)
+    batch = inputs["input_ids"].shape[0]
+    timing.step_rates = [
+        (len(c.stamps) - 1) * batch / max(c.stamps[-1] - c.stamps[0], 1e-9) for c in clocks[warmup:]
+    ]
+    return timing
 
 
 def time_prefill(model, inputs: dict, repeats: int = 3, warmup: int = 1) -> Timing:
@@ -152,17 +191,6 @@ def time_prefill(model, inputs: dict, repeats: int = 3, warmup: int = 1) -> Timi
     return time_call(once, repeats=repeats, warmup=warmup)
 
 
-class _StepClock:
-    """A stopping criterion that never stops: it stamps the time each new token is decided."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.stamps.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
 def decode_rate(
     model, inputs: dict, new_tokens: int, repeats: int = 3, warmup: bool = True, **gen_kwargs
 ) -> float:
@@ -172,24 +200,10 @@ def decode_rate(
     at long prompts) never enters the figure. One untimed warm-up run (unless ``warmup=False``), then the
     median of `repeats` runs.
     """
-    from transformers import StoppingCriteriaList
-
-    batch, rates = inputs["input_ids"].shape[0], []
-    for i in range(repeats + warmup):
-        clock = _StepClock()
-        with torch.inference_mode():
-            model.generate(
-                **inputs,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                stopping_criteria=StoppingCriteriaList([clock]),
-                **gen_kwargs,
-            )
-        if i or not warmup:
-            steps = len(clock.stamps) - 1
-            rates.append(steps * batch / max(clock.stamps[-1] - clock.stamps[0], 1e-9))
-    return statistics.median(rates)
+    timing = time_generate(
+        model, inputs, new_tokens, repeats=repeats, warmup=int(warmup), stamp_steps=True, **gen_kwargs
+    )
+    return timing.decode_tokens_per_s
 
 
 @dataclass
