@@ -193,8 +193,8 @@ def weight_quant_matmul(*, x: torch.Tensor, state: dict, bias: torch.Tensor | No
         y = _linear_by_chunks(flat.float(), weight.shape[0], lambda a, b: weight[a:b].float(), state["scale"])
     elif state["kind"] == "int8" and flat.shape[0] >= INT8_BF16_ROWS:
         weight, scale = state["weight"], state["scale"].float()  # a bf16 output times a float32 scale
-        rows = flat.to(_KERNEL_DTYPE)
-        y = _linear_by_chunks(rows, weight.shape[0], lambda a, b: weight[a:b].to(_KERNEL_DTYPE), scale)
+        x_bf16 = flat.to(_KERNEL_DTYPE)
+        y = _linear_by_chunks(x_bf16, weight.shape[0], lambda a, b: weight[a:b].to(_KERNEL_DTYPE), scale)
     elif state["kind"] == "int4" and flat.shape[0] >= INT4_DEQUANT_ROWS:
         y = _int4_linear_fp32(flat, state["by_group"])
     else:
