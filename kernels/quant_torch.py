@@ -15,9 +15,11 @@ one vectorised loop that reads the int8 weight faster than the packed kernel doe
 loop inductor writes is about 3x slower than the packed kernel, which stays (``INT8_ROW_REDUCE``,
 docs/results-cpu.md). Same weight; the activations of an fp32 model are then not rounded to bf16.
 
-Many rows (a prefill) are slow in the packed kernels. From ``INT8_BF16_ROWS`` rows per-channel int8 runs as
-a bf16 GEMM on its codes (exact in bf16) with the scale after: the packed kernel's numerics (bf16
-activations, one bf16 rounding of each output) at a bf16 GEMM's speed. From ``INT8_DEQUANT_ROWS`` /
+Many rows (a prefill) are slow in the packed kernels. On a CPU with bf16 arithmetic in hardware (AVX512-BF16
+or AMX, ``NATIVE_BF16``), from ``INT8_BF16_ROWS`` rows per-channel int8 runs as a bf16 GEMM on its codes
+(exact in bf16) with the scale after: the packed kernel's numerics (bf16 activations, one bf16 rounding of
+each output) at a bf16 GEMM's speed; without it that GEMM is slower than the packed kernel and is never
+taken. From ``INT8_DEQUANT_ROWS`` /
 ``INT4_DEQUANT_ROWS`` rows per-channel int8 and int4 compute with the exact weight in float32 and float32
 activations through fp32 GEMM instead.
 """
@@ -44,21 +46,37 @@ INT8_ROW_REDUCE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 # Xeon, the settings alternated in one process (medians of 4 generates): 55.0 / 51.5 tokens/s with one
 # part, 65.8 / 63.2 with two, 66.1 with four. docs/results-cpu.md.
 ROW_REDUCE_SPLIT = 2
-# From these many rows the packed int8 kernel, whose time grows with the rows faster than a GEMM's, gives way
-# to ``F.linear(x.bf16(), q.bf16()).float() * s``: the same bf16 activations and one bf16 rounding of each
-# output, through oneDNN's bf16 GEMM. The four int8 matmuls of a SmolLM2 layer on the second Xeon (session
-# 19): 599 against 727 us at 16 rows, 851 against 2,717 at 64 (the float32 route below: 2,020).
-INT8_BF16_ROWS = 16
+
+
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without either, oneDNN's bf16 GEMM converts to float32 on the way and runs 2-3x
+    slower than fp32 `F.linear` (docs/quantization.md)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+# bf16 arithmetic in hardware decides the many-row routes below.
+NATIVE_BF16 = _cpu_has_native_bf16()
 # From these many rows (a long prefill, a perplexity evaluation) per-channel int8 and int4 use the exact
 # weight in float32 and fp32 `F.linear` with float32 activations: closer to the float model than bf16
-# activations (teacher-forced int8 perplexity on tests/data with the bf16 GEMM above at every row count:
+# activations (teacher-forced int8 perplexity on tests/data with the bf16 GEMM below at every row count:
 # +1.08%, over the +1% bound, against +0.26% this way and -0.42% with the packed kernel; mean KL 0.0201,
 # 0.0193 and 0.0212: the bf16 GEMM is no worse than the packed kernel, both are worse than float32).
 # int8 as ``F.linear(x, q.float()) * s``; int4 dequantized group by group. Per 1536 x 576 weight on the
-# second Xeon: int8 4,059 against 9,563 us (packed) at 512 rows; int4 1,775 against 2,179 at 128, 5,825
-# against 9,748 at 512 (1,483 against 1,089 at 64). docs/quantization.md.
-INT8_DEQUANT_ROWS = 128
+# second Xeon (AMX): int8 4,059 against 9,563 us (packed) at 512 rows; int4 1,775 against 2,179 at 128,
+# 5,825 against 9,748 at 512 (1,483 against 1,089 at 64). On an Ice Lake Xeon (no bf16 in hardware) the
+# seven int8 matmuls of a SmolLM2 layer: 3.2-4.4 ms this way against 4.3-6.0 packed at 64 rows, 3.2-4.4
+# ms packed against 4.3-5.2 this way at 48 (session 20). docs/quantization.md.
+INT8_DEQUANT_ROWS = 128 if NATIVE_BF16 else 64
 INT4_DEQUANT_ROWS = 128
+# From these many rows up to `INT8_DEQUANT_ROWS` the packed int8 kernel, whose time grows with the rows faster
+# than a GEMM's, gives way to ``F.linear(x.bf16(), q.bf16()).float() * s``: the same bf16 activations and one
+# bf16 rounding of each output, through oneDNN's bf16 GEMM. The four int8 matmuls of a SmolLM2 layer on the
+# second Xeon (session 19): 599 against 727 us at 16 rows, 851 against 2,717 at 64 (the float32 route:
+# 2,020). Only with bf16 in hardware: on the Ice Lake Xeon the seven matmuls of a layer took 3.2-3.5 ms this
+# way against 1.1-1.5 packed at 16 rows, 8.6-10.0 against 4.3-6.0 at 64 (a 64-token prefill of the int8
+# model at 0.33x stock fp32's speed), so there the packed kernel runs until the float32 route takes over.
+INT8_BF16_ROWS = 16 if NATIVE_BF16 else INT8_DEQUANT_ROWS
 # Output channels taken to float32 at a time on that route: bounds the copy of a large weight (an output
 # projection of 128k x 4,096 would be 2 GiB in float32) to this many rows.
 DEQUANT_CHUNK = 8192

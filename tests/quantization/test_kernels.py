@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import npu_emulator
 import pytest
 import torch
@@ -247,6 +249,23 @@ def test_torch_int8_mid_rows_run_a_bf16_gemm_on_the_codes(rows, dtype, chunk, mo
         assert dtype == torch.bfloat16 or exact > 1e-5  # the activations were rounded to bf16
     else:
         assert exact < BF16_TOL
+
+
+def _cpuinfo_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo (Linux)")
+def test_int8_bf16_gemm_runs_only_on_cpus_with_bf16_in_hardware():
+    """The bf16 GEMM is 2-3x slower than the packed kernel where bf16 is emulated (Ice Lake, AVX2 CPUs): it
+    is taken (`INT8_BF16_ROWS` below `INT8_DEQUANT_ROWS`) exactly when the CPU reports AVX512-BF16 or AMX
+    in /proc/cpuinfo, and the float32 route then starts earlier (64 rows, where it beats the packed
+    kernel there)."""
+    native = bool({"avx512_bf16", "amx_bf16"} & _cpuinfo_flags())
+    assert quant_torch.NATIVE_BF16 == native
+    assert (quant_torch.INT8_BF16_ROWS < quant_torch.INT8_DEQUANT_ROWS) == native
+    assert quant_torch.INT8_DEQUANT_ROWS == (128 if native else 64)
 
 
 def test_torch_backend_falls_back_with_warning_for_odd_shapes():
