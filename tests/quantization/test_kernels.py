@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import npu_emulator
 import pytest
 import torch
@@ -251,18 +249,12 @@ def test_torch_int8_mid_rows_run_a_bf16_gemm_on_the_codes(rows, dtype, chunk, mo
         assert exact < BF16_TOL
 
 
-def _cpuinfo_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo (Linux)")
-def test_int8_bf16_gemm_runs_only_on_cpus_with_bf16_in_hardware():
+def test_int8_bf16_gemm_runs_only_on_cpus_with_bf16_in_hardware(cpu_flags):
     """Where bf16 has no hardware, the bf16 GEMM is about 2-3x slower than the packed kernel (session 20's
-    Ice Lake Xeon): it is taken (`INT8_BF16_ROWS` below `INT8_DEQUANT_ROWS`) exactly when the CPU reports AVX512-BF16 or AMX
-    in /proc/cpuinfo, and the float32 route then starts earlier (64 rows, where it beats the packed
-    kernel there)."""
-    native = bool({"avx512_bf16", "amx_bf16"} & _cpuinfo_flags())
+    Ice Lake Xeon): it is taken (`INT8_BF16_ROWS` below `INT8_DEQUANT_ROWS`) exactly when the CPU reports
+    AVX512-BF16 or AMX in /proc/cpuinfo, and the float32 route then starts earlier (64 rows, where it beats
+    the packed kernel there)."""
+    native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags)
     assert quant_torch.NATIVE_BF16 == native
     assert (quant_torch.INT8_BF16_ROWS < quant_torch.INT8_DEQUANT_ROWS) == native
     assert quant_torch.INT8_DEQUANT_ROWS == (128 if native else 64)
