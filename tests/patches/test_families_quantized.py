@@ -47,6 +47,12 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
+def _quantized_and_reference(family: str, bits: int):
+    """(stock, its ``to_atb(quantize=...)`` copy, the stock reference with the same rounded weights)."""
+    stock = stock_model(family)
+    return stock, copy.deepcopy(stock).to_atb(quantize=f"int{bits}"), _rounded_reference(stock, bits)
+
+
 @pytest.fixture
 def exact_routes(monkeypatch):
     """Every quantized product through the exact weight in float32 (the many-row routes), at any row count."""
@@ -58,9 +64,7 @@ def exact_routes(monkeypatch):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_to_atb_matches_stock_with_the_rounded_weights(family, bits, exact_routes):
-    stock = stock_model(family)
-    reference = _rounded_reference(stock, bits)
-    model = copy.deepcopy(stock).to_atb(quantize=f"int{bits}")
+    stock, model, reference = _quantized_and_reference(family, bits)
     ids = prompt(13)
     out, ref = _logits(model, ids), _logits(reference, ids)
     assert (out - ref).abs().max().item() <= FP32_TOL
@@ -72,9 +76,7 @@ def test_quantized_to_atb_matches_stock_with_the_rounded_weights(family, bits, e
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_to_atb_through_the_packed_kernels_within_bf16_error(family, bits):
-    stock = stock_model(family)
-    reference = _rounded_reference(stock, bits)
-    model = copy.deepcopy(stock).to_atb(quantize=f"int{bits}")
+    _, model, reference = _quantized_and_reference(family, bits)
     ids = prompt(13)
     out, ref = _logits(model, ids), _logits(reference, ids)
     bf16_err = (_logits(reference.to(torch.bfloat16), ids) - ref).abs().max().item()
