@@ -2,7 +2,7 @@
 rounded weights.
 
 The reference is the stock model with each linear's weight replaced by what ``optimum_atb.quantize`` rounded
-it to (``QuantLinear.dequantized_weight``, itself tested against float64 in tests/quantization). So these
+it to (tests/quantized_reference.py). So these
 tests check the wiring around the quantized layers (the fused q/k/v and gate/up products over quantized
 parts, biases, a tied output projection untied, a checkpoint's own fused ``qkv_proj``), family by family.
 With the torch backend's many-row routes forced (exact weights, float32 activations) the two agree to
@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 from atb_family_models import CONFIGS, greedy, prompt, stock_model
+from quantized_reference import rounded_reference
 
 import optimum_atb
 from optimum_atb.kernels import quant_torch
@@ -24,22 +25,6 @@ from optimum_atb.quantization import QuantLinear
 
 FAMILIES = sorted(CONFIGS)
 FP32_TOL = 1e-4
-
-
-def _rounded_reference(stock: torch.nn.Module, bits: int) -> torch.nn.Module:
-    """`stock` (eager) computing with the weights ``quantize(bits=bits)`` gives each linear."""
-    quantized = optimum_atb.quantize(copy.deepcopy(stock), bits=bits)
-    reference = copy.deepcopy(stock)
-    replaced = 0
-    with torch.no_grad():
-        for name, module in quantized.named_modules():
-            if isinstance(module, QuantLinear):
-                target = reference.get_submodule(name)
-                # a new Parameter, so that a tied output projection does not overwrite the embedding
-                target.weight = torch.nn.Parameter(module.dequantized_weight(), requires_grad=False)
-                replaced += 1
-    assert replaced == sum(isinstance(m, torch.nn.Linear) for m in stock.modules())  # output projection too
-    return reference
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -50,7 +35,10 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def _quantized_and_reference(family: str, bits: int):
     """(stock, its ``to_atb(quantize=...)`` copy, the stock reference with the same rounded weights)."""
     stock = stock_model(family)
-    return stock, copy.deepcopy(stock).to_atb(quantize=f"int{bits}"), _rounded_reference(stock, bits)
+    quantized = optimum_atb.quantize(copy.deepcopy(stock), bits=bits)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in stock.modules())
+    assert sum(isinstance(m, QuantLinear) for m in quantized.modules()) == linears  # output projection too
+    return stock, copy.deepcopy(stock).to_atb(quantize=f"int{bits}"), rounded_reference(stock, quantized)
 
 
 @pytest.fixture

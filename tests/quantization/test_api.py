@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import pytest
 import torch
+from quantized_reference import rounded_reference
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import optimum_atb
@@ -173,13 +175,9 @@ def test_save_after_in_place_quantize_roundtrips(tmp_path):
 def test_quantized_model_on_the_triton_backend_computes_its_dequantized_weights(bits, group):
     """The whole model (in Triton's interpreter) against the same model with every QuantLinear replaced by
     an fp32 nn.Linear holding its dequantized weight: what the kernels compute, with nothing rounded."""
-    model = optimum_atb.quantize(_tiny(), bits=bits, group_size=group)
-    exact = _tiny()
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, tensor in exact.state_dict().items():
-        module_name = name.rpartition(".")[0]
-        source = quantized[module_name].dequantized_weight() if module_name in quantized else None
-        tensor.copy_(model.state_dict()[name] if source is None else source)
+    base = _tiny()
+    model = optimum_atb.quantize(copy.deepcopy(base), bits=bits, group_size=group)
+    exact = rounded_reference(base, model)
     ids = torch.randint(0, 128, (2, 12))
     with optimum_atb.use_backend("triton"):
         got = _logits(model, ids)
